@@ -1,0 +1,1 @@
+"""First-party backends, each registered under the ``lmkernel.backends`` entry point."""

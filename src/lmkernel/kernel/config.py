@@ -1,0 +1,250 @@
+"""Prediction and load configs: the public structs and their validation.
+
+The LM Studio SDK accepts config dicts with camelCase or snake_case keys, silently drops
+keys it does not know, and type-checks only some values. lmkernel validates every key
+before any compute: an unknown key raises (suggesting the near match), an ill-typed or
+out-of-range value raises naming the key, the rule and the value. Which of the valid keys
+a model can honour is decided later, against its backend (:func:`unsupported_keys`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from .._struct import PublicStruct, snake_to_camel
+from ..errors import LMKernelConfigError
+
+__all__ = [
+    "LlmPredictionConfig",
+    "LlmLoadModelConfig",
+    "LlmStructuredPredictionSetting",
+    "parse_prediction_config",
+    "parse_load_config",
+    "KERNEL_PREDICTION_KEYS",
+]
+
+ContextOverflowPolicy = Literal["stopAtLimit", "truncateMiddle", "rollingWindow"]
+
+
+class LlmStructuredPredictionSetting(PublicStruct):
+    """Structured-output request: ``type`` is ``"none"``, ``"json"`` or ``"gbnf"``."""
+
+    type: Literal["none", "json", "gbnf"]
+    json_schema: dict[str, Any] | None = None
+    gbnf_grammar: str | None = None
+
+
+class LlmPredictionConfig(PublicStruct):
+    """Per-prediction settings (``config=`` of ``complete``); every field is optional.
+
+    Fields: ``max_tokens`` (int >= 1, or -1/False for no limit), ``temperature`` (>= 0;
+    0 is greedy), ``stop_strings``, ``context_overflow_policy``, ``top_k_sampling``,
+    ``top_p_sampling``, ``min_p_sampling``, ``repeat_penalty`` (False disables a sampler),
+    and the rest of LM Studio's keys, which a backend may or may not honour.
+    """
+
+    max_tokens: int | bool | None = None
+    temperature: float | None = None
+    stop_strings: list[str] | None = None
+    tool_call_stop_strings: list[str] | None = None
+    context_overflow_policy: ContextOverflowPolicy | None = None
+    structured: LlmStructuredPredictionSetting | None = None
+    raw_tools: dict[str, Any] | None = None
+    top_k_sampling: float | None = None
+    repeat_penalty: float | bool | None = None
+    min_p_sampling: float | bool | None = None
+    top_p_sampling: float | bool | None = None
+    cpu_threads: int | None = None
+    prompt_template: dict[str, Any] | None = None
+    draft_model: str | None = None
+    speculative_decoding_num_draft_tokens_exact: int | None = None
+    speculative_decoding_min_draft_length_to_consider: int | None = None
+    speculative_decoding_min_continue_drafting_probability: float | None = None
+    reasoning_parsing: dict[str, Any] | None = None
+
+
+class LlmLoadModelConfig(PublicStruct):
+    """Load-time settings (``config=`` of ``llm()``, ``model()``, ``load_new_instance()``).
+
+    ``backend`` is lmkernel's own addition: the name of the backend to load with,
+    overriding the automatic choice.
+    """
+
+    gpu: dict[str, Any] | None = None
+    gpu_strict_vram_cap: bool | None = None
+    offload_kv_cache_to_gpu: bool | None = msgspec.field(default=None, name="offloadKVCacheToGpu")
+    context_length: int | None = None
+    rope_frequency_base: float | None = None
+    rope_frequency_scale: float | None = None
+    eval_batch_size: int | None = None
+    flash_attention: bool | None = None
+    keep_model_in_memory: bool | None = None
+    seed: int | None = None
+    use_fp16_for_kv_cache: bool | None = msgspec.field(default=None, name="useFp16ForKVCache")
+    try_mmap: bool | None = None
+    num_experts: int | None = None
+    llama_k_cache_quantization_type: str | bool | None = None
+    llama_v_cache_quantization_type: str | bool | None = None
+    backend: str | None = None
+
+
+# What the kernel itself implements, for every backend (the rest is the backend's job).
+KERNEL_PREDICTION_KEYS = frozenset({"maxTokens", "stopStrings", "contextOverflowPolicy"})
+KERNEL_LOAD_KEYS = frozenset({"contextLength", "backend"})
+
+# Spellings from other APIs that users reach for, mapped to ours.
+_ALIASES = {
+    "maxNewTokens": "maxTokens",
+    "maxPredictedTokens": "maxTokens",
+    "stop": "stopStrings",
+    "temp": "temperature",
+    "topP": "topPSampling",
+    "topK": "topKSampling",
+    "minP": "minPSampling",
+    "repetitionPenalty": "repeatPenalty",
+    "nCtx": "contextLength",
+    "numCtx": "contextLength",
+}
+
+_Rule = tuple[str, Callable[[Any], bool]]
+
+
+def _positive_or_unlimited(v: Any) -> bool:
+    return v is False or v == -1 or (v is not True and v >= 1)
+
+
+def _sampler_value(low: float, high: float, *, low_open: bool = False) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        if v is False:
+            return True
+        if v is True:
+            return False
+        return (low < v if low_open else low <= v) and v <= high
+
+    return check
+
+
+_PREDICTION_RULES: dict[str, _Rule] = {
+    "maxTokens": ("an integer >= 1, or -1 or False for no limit", _positive_or_unlimited),
+    "temperature": ("a number >= 0", lambda v: v >= 0),
+    "stopStrings": ("a list of non-empty strings", lambda v: all(v)),
+    "toolCallStopStrings": ("a list of non-empty strings", lambda v: all(v)),
+    "topKSampling": ("a number >= 0 (0 disables top-k)", lambda v: v >= 0 or v == -1),
+    "topPSampling": ("a number in (0, 1], or False", _sampler_value(0.0, 1.0, low_open=True)),
+    "minPSampling": ("a number in [0, 1], or False", _sampler_value(0.0, 1.0)),
+    "repeatPenalty": ("a number > 0, or False", _sampler_value(0.0, float("inf"), low_open=True)),
+    "cpuThreads": ("an integer >= 1", lambda v: v >= 1),
+    "speculativeDecodingNumDraftTokensExact": ("an integer >= 1", lambda v: v >= 1),
+    "speculativeDecodingMinDraftLengthToConsider": ("an integer >= 0", lambda v: v >= 0),
+}
+
+_LOAD_RULES: dict[str, _Rule] = {
+    "contextLength": ("an integer >= 1", lambda v: v >= 1),
+    "evalBatchSize": ("an integer >= 1", lambda v: v >= 1),
+    "numExperts": ("an integer >= 1", lambda v: v >= 1),
+}
+
+
+def _fields(struct: type[msgspec.Struct]) -> dict[str, msgspec.inspect.Field]:
+    return {f.encode_name: f for f in msgspec.inspect.type_info(struct).fields}
+
+
+def _type_name(field: msgspec.inspect.Field) -> str:
+    names = {
+        msgspec.inspect.IntType: "an integer",
+        msgspec.inspect.FloatType: "a number",
+        msgspec.inspect.StrType: "a string",
+        msgspec.inspect.BoolType: "True or False",
+        msgspec.inspect.ListType: "a list",
+        msgspec.inspect.DictType: "a dict",
+        msgspec.inspect.StructType: "a dict",
+        msgspec.inspect.LiteralType: "one of",
+    }
+    parts = []
+    t = field.type
+    for member in t.types if isinstance(t, msgspec.inspect.UnionType) else (t,):
+        if isinstance(member, msgspec.inspect.NoneType):
+            continue
+        if isinstance(member, msgspec.inspect.LiteralType):
+            parts.append("one of " + ", ".join(repr(v) for v in member.values))
+        else:
+            parts.append(names.get(type(member), type(member).__name__))
+    return " or ".join(parts)
+
+
+def _canonical_key(key: Any, what: str, known: Mapping[str, Any]) -> str:
+    if not isinstance(key, str):
+        raise LMKernelConfigError(f"{what} keys must be strings, got {key!r}")
+    camel = snake_to_camel(key)
+    if camel in known:
+        return camel
+    alias = _ALIASES.get(camel)
+    hint = ""
+    if alias in known:
+        hint = f"; did you mean {alias!r}?"
+    else:
+        lowered = {k.lower(): k for k in known}
+        close = difflib.get_close_matches(camel.lower(), lowered, n=1, cutoff=0.75)
+        if close:
+            hint = f"; did you mean {lowered[close[0]]!r}?"
+    raise LMKernelConfigError(f"Unknown {what} key {key!r}{hint} (known keys: {', '.join(sorted(known))})")
+
+
+def _parse(
+    config: Any, struct: type[msgspec.Struct], rules: Mapping[str, _Rule], what: str
+) -> Any:
+    if config is None:
+        return struct()
+    if isinstance(config, struct):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise LMKernelConfigError(
+            f"{what} must be a dict or {struct.__name__}, got {type(config).__name__}: {config!r}"
+        )
+    fields = _fields(struct)
+    hints = typing.get_type_hints(struct)
+    values: dict[str, Any] = {}
+    for key, value in config.items():
+        camel = _canonical_key(key, what, fields)
+        if camel in values:
+            raise LMKernelConfigError(f"{what} key {camel!r} is given twice (as {key!r} too)")
+        if value is None:
+            continue
+        field = fields[camel]
+        try:
+            msgspec.convert(value, hints[field.name])
+        except msgspec.ValidationError:
+            raise LMKernelConfigError(
+                f"Invalid {what} value for {camel!r}: expected {_type_name(field)}, got {value!r}"
+            ) from None
+        rule = rules.get(camel)
+        if rule is not None and not rule[1](value):
+            raise LMKernelConfigError(
+                f"Invalid {what} value for {camel!r}: expected {rule[0]}, got {value!r}"
+            )
+        values[camel] = value
+    return msgspec.convert(values, struct)
+
+
+def parse_prediction_config(config: Any) -> LlmPredictionConfig:
+    """Validate a prediction config (dict or struct) and return it as a struct.
+
+    Raises :class:`~lmkernel.LMKernelConfigError` for an unknown key (with the near match),
+    a key given twice in both spellings, or a value of the wrong type or range.
+    """
+    return _parse(config, LlmPredictionConfig, _PREDICTION_RULES, "prediction config")
+
+
+def parse_load_config(config: Any) -> LlmLoadModelConfig:
+    """Validate a load config (dict or struct) and return it as a struct."""
+    return _parse(config, LlmLoadModelConfig, _LOAD_RULES, "load config")
+
+
+def set_keys(config: msgspec.Struct) -> set[str]:
+    """Return the camelCase keys a config struct sets (its non-``None`` fields)."""
+    return set(msgspec.to_builtins(config))

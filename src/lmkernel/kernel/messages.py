@@ -1,0 +1,248 @@
+"""The protocol between SDK facades and the kernel: two closed families of msgspec Structs.
+
+Requests travel client -> kernel, events kernel -> client, both msgpack-encoded into
+frames (:func:`encode`, :func:`decode_request`, :func:`decode_event`). Every message
+carries the request ``id`` it belongs to (ids are chosen by the client, unique per
+connection). Every request ends with exactly one terminal event; for a prediction that is
+:class:`Finished` (with a stop reason) or :class:`Failed`. A schema changes only by adding
+fields with defaults.
+
+The public data types that travel inside events (:class:`LlmPredictionStats`,
+:class:`LlmInfo`, :class:`LlmInstanceInfo`) are defined here and re-exported by the SDK.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from .._struct import PublicStruct
+
+StopReason = Literal[
+    "userStopped",
+    "modelUnloaded",
+    "failed",
+    "eosFound",
+    "stopStringFound",
+    "toolCalls",
+    "maxPredictedTokensReached",
+    "contextLengthReached",
+]
+
+ModelFormat = Literal["gguf", "safetensors", "onnx", "ggml", "mlx_placeholder", "torch_safetensors", "exl2"]
+
+
+class LlmPredictionStats(PublicStruct):
+    """Measured statistics of one prediction.
+
+    ``stop_reason``: why it ended (one of the eight LM Studio values).
+    ``time_to_first_token_sec``: from the kernel receiving the request to the first
+    generated token. ``tokens_per_second``: generated tokens after the first, over the
+    time since the first (1 / time to first token for a one-token prediction).
+    ``prompt_tokens_count``, ``predicted_tokens_count`` (generated tokens, EOS excluded),
+    ``total_tokens_count``: counted, not estimated. Draft-model fields stay ``None``.
+    """
+
+    stop_reason: StopReason
+    tokens_per_second: float | None = None
+    num_gpu_layers: float | None = None
+    time_to_first_token_sec: float | None = None
+    prompt_tokens_count: int | None = None
+    predicted_tokens_count: int | None = None
+    total_tokens_count: int | None = None
+    used_draft_model_key: str | None = None
+    total_draft_tokens_count: int | None = None
+    accepted_draft_tokens_count: int | None = None
+    rejected_draft_tokens_count: int | None = None
+    ignored_draft_tokens_count: int | None = None
+
+
+class LlmInfo(PublicStruct, tag_field="type", tag="llm"):
+    """A model on disk: ``model_key``, ``display_name``, ``path``, ``architecture``,
+    ``max_context_length`` (from its config), ``size_bytes`` (its weight files) ..."""
+
+    model_key: str
+    format: ModelFormat
+    display_name: str
+    path: str
+    size_bytes: int
+    vision: bool = False
+    trained_for_tool_use: bool = False
+    max_context_length: int = 0
+    params_string: str | None = None
+    architecture: str | None = None
+
+
+class LlmInstanceInfo(LlmInfo, tag="llm"):
+    """A loaded model: :class:`LlmInfo` plus ``identifier``, ``instance_reference``,
+    ``context_length`` (of this instance) and ``backend`` (lmkernel's addition)."""
+
+    identifier: str = ""
+    instance_reference: str = ""
+    context_length: int = 0
+    backend: str | None = None
+
+    def model_info(self) -> LlmInfo:
+        """Return the :class:`LlmInfo` part (what ``PredictionResult.model_info`` holds)."""
+        return msgspec.convert(msgspec.to_builtins(self), LlmInfo)
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An error as data: ``kind`` picks the exception class on the client side."""
+
+    kind: str
+    message: str
+    backend: str | None = None
+    model: str | None = None
+    original_type: str | None = None
+    original_message: str | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Requests (client -> kernel)
+
+
+class Request(msgspec.Struct, tag_field="op", frozen=True, kw_only=True):
+    id: int
+
+
+class Load(Request, tag="load"):
+    """Get or load a model. ``model=None`` means the default model."""
+
+    model: str | None = None
+    identifier: str | None = None
+    ttl: float | None = None
+    config: dict[str, Any] = {}
+    new_instance: bool = False
+
+
+class Predict(Request, tag="predict"):
+    """Complete ``prompt`` with the loaded model ``model`` (an instance identifier)."""
+
+    model: str
+    prompt: str
+    config: dict[str, Any] = {}
+
+
+class Cancel(Request, tag="cancel"):
+    """Stop request ``target``; it ends with stop reason ``userStopped``. Answers nothing itself."""
+
+    target: int
+
+
+class Unload(Request, tag="unload"):
+    model: str
+
+
+class Tokenize(Request, tag="tokenize"):
+    model: str
+    texts: list[str]
+
+
+class GetInfo(Request, tag="get_info"):
+    model: str
+
+
+class ListLoaded(Request, tag="list_loaded"):
+    pass
+
+
+class ListDownloaded(Request, tag="list_downloaded"):
+    pass
+
+
+AnyRequest = Load | Predict | Cancel | Unload | Tokenize | GetInfo | ListLoaded | ListDownloaded
+
+# ---------------------------------------------------------------------------------------
+# Events (kernel -> client)
+
+
+class Event(msgspec.Struct, tag_field="ev", frozen=True, kw_only=True):
+    id: int
+
+
+class LoadProgress(Event, tag="load_progress"):
+    progress: float
+
+
+class Loaded(Event, tag="loaded"):
+    info: LlmInstanceInfo
+    already_loaded: bool = False
+    load_config: dict[str, Any] = {}
+
+
+class PromptProgress(Event, tag="prompt_progress"):
+    progress: float
+
+
+class FirstToken(Event, tag="first_token"):
+    pass
+
+
+class Fragment(Event, tag="fragment"):
+    content: str
+    tokens_count: int = 1
+
+
+class Finished(Event, tag="finished"):
+    stats: LlmPredictionStats
+    model_info: LlmInfo
+    prediction_config: dict[str, Any] = {}
+    load_config: dict[str, Any] = {}
+
+
+class Failed(Event, tag="failed"):
+    error: ErrorInfo
+
+
+class TokenLists(Event, tag="tokens"):
+    tokens: list[list[int]]
+
+
+class InstanceInfo(Event, tag="instance_info"):
+    info: LlmInstanceInfo
+    load_config: dict[str, Any] = {}
+
+
+class LoadedList(Event, tag="loaded_list"):
+    models: list[LlmInstanceInfo]
+
+
+class DownloadedList(Event, tag="downloaded_list"):
+    models: list[LlmInfo]
+
+
+class Done(Event, tag="done"):
+    pass
+
+
+AnyEvent = (
+    LoadProgress
+    | Loaded
+    | PromptProgress
+    | FirstToken
+    | Fragment
+    | Finished
+    | Failed
+    | TokenLists
+    | InstanceInfo
+    | LoadedList
+    | DownloadedList
+    | Done
+)
+
+TERMINAL_EVENTS = (Loaded, Finished, Failed, TokenLists, InstanceInfo, LoadedList, DownloadedList, Done)
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(AnyRequest)
+_event_decoder = msgspec.msgpack.Decoder(AnyEvent)
+
+encode = _encoder.encode
+decode_request = _request_decoder.decode
+decode_event = _event_decoder.decode
+
+
+def is_terminal(event: Event) -> bool:
+    """Tell whether ``event`` is the last one its request gets."""
+    return isinstance(event, TERMINAL_EVENTS)

@@ -1,0 +1,32 @@
+"""The backend plugin contract, entry-point discovery and the conformance kit."""
+
+from .contract import (
+    Availability,
+    Backend,
+    Engine,
+    LoadOptions,
+    ModelDescription,
+    PromptProgress,
+    Sampling,
+    SequenceEnd,
+    StepEvent,
+    Token,
+)
+from .discovery import ENTRY_POINT_GROUP, BackendStatus, Discovery, discover
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Availability",
+    "Backend",
+    "BackendStatus",
+    "Discovery",
+    "Engine",
+    "LoadOptions",
+    "ModelDescription",
+    "PromptProgress",
+    "Sampling",
+    "SequenceEnd",
+    "StepEvent",
+    "Token",
+    "discover",
+]

@@ -1,0 +1,195 @@
+"""The public contract a backend implements.
+
+A *backend* is a small object registered under the entry-point group ``lmkernel.backends``.
+It says whether it can run on this machine (and why not), which model folders it accepts,
+and loads a model into an *engine*. An engine tokenizes and advances a set of sequences
+step by step:
+
+* :meth:`Engine.add` a sequence (prompt tokens plus :class:`Sampling`),
+* :meth:`Engine.step` returns what happened in one engine step, as a list of
+  :class:`PromptProgress`, :class:`Token` and :class:`SequenceEnd` events,
+* :meth:`Engine.remove` a sequence, in any state (waiting, prefilling, decoding).
+
+Threading: the kernel calls ``load`` and every engine method from one worker thread per
+loaded model, and calls :meth:`Backend.release_thread` on that thread before it ends. An
+engine never needs locks, and may keep thread-bound state (MLX streams, CUDA contexts).
+
+What the kernel does for every backend, so an engine must not: stop strings, ``maxTokens``,
+the context-length limit, stop reasons, stats, progress fractions, config validation. An
+engine reports EOS (``SequenceEnd(reason="eos")``) and ends a sequence with ``"length"``
+exactly when the token budget the kernel gave it in :meth:`Engine.add` is spent.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "Availability",
+    "Backend",
+    "Engine",
+    "LoadOptions",
+    "ModelDescription",
+    "PromptProgress",
+    "Sampling",
+    "SequenceEnd",
+    "StepEvent",
+    "Token",
+]
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here; ``reason`` says why not, ``notes`` what it offers."""
+
+    available: bool
+    reason: str = ""
+    notes: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelDescription:
+    """What a backend reads from a model folder it accepts, without loading weights."""
+
+    architecture: str | None
+    format: str
+    max_context_length: int
+    size_bytes: int
+    params_string: str | None = None
+    display_name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadOptions:
+    """Load settings already validated by the kernel.
+
+    ``context_length`` is the context the kernel will enforce (``None``: the model's own);
+    ``extra`` holds the other load-config keys (camelCase) the backend declared in
+    :attr:`Backend.load_keys`.
+    """
+
+    context_length: int | None = None
+    seed: int | None = None
+    eval_batch_size: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """Sampling settings of one sequence. Neutral values switch a sampler off.
+
+    ``temperature`` 0 means greedy (argmax) and every other setting is ignored.
+    """
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(slots=True)
+class PromptProgress:
+    """``processed`` of ``total`` prompt tokens are in the cache."""
+
+    seq_id: int
+    processed: int
+    total: int
+
+
+@dataclass(slots=True)
+class Token:
+    """One generated token and the text it completes (may be ``""`` mid-character)."""
+
+    seq_id: int
+    token_id: int
+    text: str
+
+
+@dataclass(slots=True)
+class SequenceEnd:
+    """The engine ended a sequence: ``"eos"`` (an end token, not reported as a Token) or
+    ``"length"`` (its token budget is spent). ``text`` flushes held-back text."""
+
+    seq_id: int
+    reason: Literal["eos", "length"]
+    text: str = ""
+
+
+StepEvent = PromptProgress | Token | SequenceEnd
+
+
+class Engine(ABC):
+    """A loaded model. All methods run on the model's worker thread."""
+
+    #: Context window in tokens (prompt plus generated) that this instance supports.
+    context_length: int
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Encode ``text`` as the model sees a completion prompt (BOS included if the model uses one)."""
+
+    @abstractmethod
+    def add(
+        self, seq_id: int, prompt_tokens: Sequence[int], sampling: Sampling, max_tokens: int
+    ) -> None:
+        """Queue a new sequence; its events appear in later :meth:`step` results.
+
+        ``max_tokens`` is the token budget the kernel computed (from ``maxTokens`` and the
+        context left): after that many :class:`Token` events the engine ends the sequence
+        with ``SequenceEnd("length")``, flushing any text its detokenizer held back.
+        """
+
+    @abstractmethod
+    def step(self) -> list[StepEvent]:
+        """Advance the active sequences by one engine step and report what happened."""
+
+    @abstractmethod
+    def remove(self, seq_id: int) -> None:
+        """Drop a sequence in any state; unknown ids are ignored."""
+
+    @property
+    @abstractmethod
+    def busy(self) -> bool:
+        """Whether any sequence is waiting, prefilling or decoding."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the model's memory. Called once, on the worker thread."""
+
+
+class Backend(ABC):
+    """A family of engines (one per loaded model), registered as a plugin."""
+
+    #: Short unique name, also the entry-point name (``mlx``, ``exllamav2`` ...).
+    name: str
+    #: Prediction-config keys (camelCase) this backend honours besides the kernel's own.
+    prediction_keys: frozenset[str] = frozenset()
+    #: Load-config keys (camelCase) this backend honours besides ``contextLength``.
+    load_keys: frozenset[str] = frozenset()
+    #: When several available backends accept a model, the highest priority loads it.
+    priority: int = 0
+
+    @abstractmethod
+    def availability(self) -> Availability:
+        """Say whether this backend can run here (cheap: no heavy imports if avoidable)."""
+
+    @abstractmethod
+    def describe(self, path: Path) -> ModelDescription | None:
+        """Return a description if this backend can load the folder ``path``, else ``None``."""
+
+    @abstractmethod
+    def load(
+        self, path: Path, options: LoadOptions, on_progress: Callable[[float], None]
+    ) -> Engine:
+        """Load the model (on its worker thread), reporting progress from 0.0 to 1.0."""
+
+    def release_thread(self) -> None:  # noqa: B027 - optional hook
+        """Release per-thread engine state; called last on every worker thread."""

@@ -1,0 +1,97 @@
+"""Find backends through the entry-point group ``lmkernel.backends``.
+
+Our own backends are registered the same way (in lmkernel's ``pyproject.toml``). The
+environment variable ``LMKERNEL_BACKENDS`` (comma-separated names) limits which are loaded.
+A plugin that fails to import, or whose entry point is not a :class:`Backend`, is reported
+in :attr:`Discovery.broken` with the reason; it never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+
+from .contract import Availability, Backend
+
+__all__ = ["ENTRY_POINT_GROUP", "BackendStatus", "Discovery", "discover"]
+
+ENTRY_POINT_GROUP = "lmkernel.backends"
+ENV_FILTER = "LMKERNEL_BACKENDS"
+
+log = logging.getLogger("lmkernel.plugins")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """One discovered backend: its object (``None`` if broken) and whether it can run here."""
+
+    name: str
+    source: str
+    backend: Backend | None
+    availability: Availability
+
+
+@dataclass
+class Discovery:
+    """The result of scanning the entry points once."""
+
+    statuses: list[BackendStatus] = field(default_factory=list)
+
+    @property
+    def available(self) -> list[Backend]:
+        """Backends that can run here, highest priority first."""
+        found = [s.backend for s in self.statuses if s.backend and s.availability.available]
+        return sorted(found, key=lambda b: -b.priority)
+
+    @property
+    def broken(self) -> list[BackendStatus]:
+        return [s for s in self.statuses if s.backend is None]
+
+    def get(self, name: str) -> BackendStatus | None:
+        return next((s for s in self.statuses if s.name == name), None)
+
+
+def _selected_names() -> set[str] | None:
+    raw = os.environ.get(ENV_FILTER, "").strip()
+    if not raw:
+        return None
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def _load(ep: EntryPoint) -> BackendStatus:
+    source = f"{ep.value} ({ep.dist.name if ep.dist else 'unknown distribution'})"
+    try:
+        obj = ep.load()
+    except Exception as exc:  # a plugin may fail in any way; report it, do not crash
+        reason = f"plugin failed to import: {type(exc).__name__}: {exc}"
+        log.warning("lmkernel backend %r: %s", ep.name, reason)
+        return BackendStatus(ep.name, source, None, Availability(False, reason))
+    if isinstance(obj, type) and issubclass(obj, Backend):
+        obj = obj()
+    if not isinstance(obj, Backend):
+        reason = f"entry point {ep.value!r} is a {type(obj).__name__}, not an lmkernel Backend"
+        return BackendStatus(ep.name, source, None, Availability(False, reason))
+    try:
+        availability = obj.availability()
+    except Exception as exc:
+        availability = Availability(False, f"availability check raised {type(exc).__name__}: {exc}")
+    return BackendStatus(obj.name, source, obj, availability)
+
+
+def discover(extra: list[Backend] | None = None) -> Discovery:
+    """Load every registered backend (filtered by ``LMKERNEL_BACKENDS``), plus ``extra``."""
+    selected = _selected_names()
+    result = Discovery()
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if selected is not None and ep.name not in selected:
+            continue
+        if result.get(ep.name) is None:
+            result.statuses.append(_load(ep))
+    for backend in extra or []:
+        if selected is None or backend.name in selected:
+            result.statuses.append(
+                BackendStatus(backend.name, "given in code", backend, backend.availability())
+            )
+    return result
