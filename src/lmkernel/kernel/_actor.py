@@ -1,0 +1,295 @@
+"""One actor per loaded model: a trio task, a mailbox, and the engine's worker thread.
+
+The actor is the only thing that talks to its worker. Its mailbox takes client requests
+(predict, cancel, tokenize, unload) routed by the kernel and reports from the worker
+(progress, tokens, failures), in arrival order. It keeps the kernel-side state of every
+prediction on the model and finishes each with exactly one terminal event.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from ..plugins.contract import Backend, LoadOptions, PromptProgress, SequenceEnd, Token
+from . import _worker as w
+from ._prediction import PredictionRun, sampling_from_config
+from .config import LlmLoadModelConfig, LlmPredictionConfig
+from .messages import Done, ErrorInfo, Event, Failed, InstanceInfo, LlmInstanceInfo, Loaded, TokenLists
+from .messages import LoadProgress as LoadProgressEvent
+
+log = logging.getLogger("lmkernel.kernel")
+
+_seq_ids = itertools.count(1)
+
+
+class Peer:
+    """The kernel's side of one client connection: events out, predictions it owns."""
+
+    def __init__(self, send: Callable[[Event], None]) -> None:
+        self.send = send
+        self.predictions: dict[int, tuple[ModelActor, int]] = {}
+        self.closed = False
+
+
+@dataclass(eq=False)
+class _Waiter:
+    peer: Peer
+    request_id: int
+    last_progress: float = -1.0
+
+    def progress(self, value: float) -> None:
+        if value > self.last_progress:
+            self.last_progress = value
+            self.peer.send(LoadProgressEvent(id=self.request_id, progress=value))
+
+
+@dataclass(eq=False)
+class _Running:
+    peer: Peer
+    run: PredictionRun
+
+
+@dataclass(eq=False)
+class ModelActor:
+    """A loaded (or loading) model instance."""
+
+    info: LlmInstanceInfo
+    backend: Backend
+    path: Path
+    load_config: LlmLoadModelConfig
+    ttl: float | None
+    on_gone: Callable[[ModelActor], None]
+    state: str = "loading"  # loading -> ready -> unloading -> gone
+    load_waiters: list[_Waiter] = field(default_factory=list)
+    unload_waiters: list[tuple[Peer, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[Any](math.inf)
+        self._runs: dict[int, _Running] = {}
+        self._tokenize: dict[int, tuple[Peer, int]] = {}
+        self._pending: list[tuple[Peer, int, str, LlmPredictionConfig]] = []
+        self._token = trio.lowlevel.current_trio_token()
+        self._idle_since = trio.current_time()
+        options = LoadOptions(
+            context_length=self.load_config.context_length,
+            seed=self.load_config.seed,
+            eval_batch_size=self.load_config.eval_batch_size,
+            extra={k: v for k, v in self.load_config.to_dict().items() if k in self.backend.load_keys},
+        )
+        self._worker = w.EngineWorker(self.backend, self.path, options, self._post, self.info.identifier)
+
+    # ---- entry points, called on the kernel's trio thread --------------------------
+
+    def submit(self, item: Any) -> None:
+        """Put a request into the mailbox (``("predict", peer, id, prompt, config)`` ...)."""
+        self._send.send_nowait(item)
+
+    def _post(self, report: w.Report) -> None:  # worker thread
+        try:
+            self._token.run_sync_soon(self._send.send_nowait, report)
+        except (trio.RunFinishedError, trio.ClosedResourceError):
+            pass
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until the model is unloaded and its worker thread has ended."""
+        self._worker.start()
+        task_status.started()
+        while self.state != "gone":
+            with trio.move_on_at(self._idle_deadline()) as scope:
+                item = await self._receive.receive()
+            if scope.cancelled_caught:
+                log.info("unloading %s: idle for %s s (ttl)", self.info.identifier, self.ttl)
+                self.unload()
+                continue
+            self._dispatch(item)
+        self.on_gone(self)
+
+    def _idle_deadline(self) -> float:
+        if self.ttl is None or self.state != "ready" or self._runs or self._tokenize:
+            return math.inf
+        return self._idle_since + self.ttl
+
+    def _touch(self) -> None:
+        self._idle_since = trio.current_time()
+
+    # ---- mailbox ---------------------------------------------------------------------
+
+    def _dispatch(self, item: Any) -> None:
+        match item:
+            case ("predict", peer, request_id, prompt, config):
+                self._touch()
+                if self.state == "loading":
+                    self._pending.append((peer, request_id, prompt, config))
+                else:
+                    self._start_prediction(peer, request_id, prompt, config)
+            case ("cancel", seq_id):
+                self._cancel(seq_id)
+            case ("tokenize", peer, request_id, texts):
+                self._touch()
+                key = next(_seq_ids)
+                self._tokenize[key] = (peer, request_id)
+                self._worker.send(w.TokenizeTexts(key, texts))
+            case ("unload", peer, request_id):
+                self.unload(peer, request_id)
+            case ("info", peer, request_id):
+                peer.send(InstanceInfo(id=request_id, info=self.info, load_config=self.load_config.to_dict()))
+            case _:
+                self._report(item)
+
+    def _report(self, report: w.Report) -> None:
+        match report:
+            case w.Stepped(events):
+                self._on_steps(events)
+            case w.Admitted(seq_id, prompt_tokens, budget):
+                if (running := self._runs.get(seq_id)) is not None:
+                    running.run.admitted(prompt_tokens, budget)
+            case w.Rejected(seq_id, prompt_tokens, context_length):
+                self._fail(seq_id, ErrorInfo(
+                    kind="prompt_too_long",
+                    message=(
+                        f"The prompt is {prompt_tokens} tokens but model {self.info.identifier!r} "
+                        f"has a context length of {context_length} (contextOverflowPolicy "
+                        "'stopAtLimit' needs room for at least one new token)"
+                    ),
+                    model=self.info.identifier,
+                ))
+            case w.StepFailed(seq_ids, error):
+                log.error("backend %s failed on %s", self.backend.name, self.info.identifier, exc_info=error)
+                for seq_id in seq_ids:
+                    self._fail(seq_id, self._backend_error(error, "while predicting"))
+            case w.Tokenized(key, tokens, error):
+                peer, request_id = self._tokenize.pop(key)
+                self._touch()
+                if error is None:
+                    peer.send(TokenLists(id=request_id, tokens=tokens))
+                else:
+                    peer.send(Failed(id=request_id, error=self._backend_error(error, "while tokenizing")))
+            case w.LoadProgress(progress):
+                for waiter in self.load_waiters:
+                    waiter.progress(min(progress, 0.99))
+            case w.LoadDone(context_length):
+                self._loaded(context_length)
+            case w.LoadFailed(error):
+                info = self._backend_error(error, "while loading")
+                for waiter in self.load_waiters:
+                    waiter.peer.send(Failed(id=waiter.request_id, error=info))
+                for peer, request_id, _, _ in self._pending:
+                    peer.send(Failed(id=request_id, error=info))
+                self.load_waiters.clear()
+                self._pending.clear()
+                self.state = "unloading"
+            case w.Exited():
+                self.state = "gone"
+                for peer, request_id in self.unload_waiters:
+                    peer.send(Done(id=request_id))
+                self._send.close()
+
+    def _loaded(self, context_length: int) -> None:
+        self.info = msgspec.structs.replace(self.info, context_length=context_length)
+        self.state = "ready"
+        self._touch()
+        for waiter in self.load_waiters:
+            waiter.progress(1.0)
+            waiter.peer.send(Loaded(id=waiter.request_id, info=self.info, load_config=self.load_config.to_dict()))
+        self.load_waiters.clear()
+        pending, self._pending = self._pending, []
+        for args in pending:
+            self._start_prediction(*args)
+
+    # ---- predictions -------------------------------------------------------------------
+
+    def _start_prediction(self, peer: Peer, request_id: int, prompt: str, config: LlmPredictionConfig) -> None:
+        if self.state != "ready":
+            peer.send(Failed(id=request_id, error=ErrorInfo(
+                kind="model_not_found",
+                message=f"Model {self.info.identifier!r} is being unloaded",
+                model=self.info.identifier,
+            )))
+            return
+        seq_id = next(_seq_ids)
+        sampling = sampling_from_config(config)
+        run = PredictionRun(request_id, config, sampling, peer.send, self.info.model_info(), self.load_config)
+        self._runs[seq_id] = _Running(peer, run)
+        peer.predictions[request_id] = (self, seq_id)
+        self._worker.send(w.AddSequence(seq_id, prompt, sampling, run.max_tokens))
+
+    def _on_steps(self, events: list) -> None:
+        for event in events:
+            running = self._runs.get(event.seq_id)
+            if running is None:
+                continue  # cancelled or stopped while the worker ran ahead
+            run = running.run
+            if isinstance(event, Token):
+                if run.token(event.text):
+                    self._worker.send(w.RemoveSequence(event.seq_id))
+                    self._forget(event.seq_id)
+            elif isinstance(event, PromptProgress):
+                run.progress(event.processed, event.total)
+            elif isinstance(event, SequenceEnd):
+                run.end(event.reason, event.text)
+                self._forget(event.seq_id)
+
+    def _cancel(self, seq_id: int, reason: str = "userStopped") -> None:
+        running = self._runs.get(seq_id)
+        if running is not None:
+            running.run.finish(reason)
+            self._worker.send(w.RemoveSequence(seq_id))
+            self._forget(seq_id)
+
+    def _fail(self, seq_id: int, error: ErrorInfo) -> None:
+        running = self._runs.get(seq_id)
+        if running is not None:
+            running.run.fail(error)
+            self._worker.send(w.RemoveSequence(seq_id))
+            self._forget(seq_id)
+
+    def _forget(self, seq_id: int) -> None:
+        running = self._runs.pop(seq_id)
+        running.peer.predictions.pop(running.run.id, None)
+        self._touch()
+
+    def _backend_error(self, error: BaseException, doing: str) -> ErrorInfo:
+        return ErrorInfo(
+            kind="backend",
+            message=(
+                f"Backend {self.backend.name!r} failed {doing} model {self.info.identifier!r}: "
+                f"{type(error).__name__}: {error}"
+            ),
+            backend=self.backend.name,
+            model=self.info.identifier,
+            original_type=f"{type(error).__module__}.{type(error).__qualname__}",
+            original_message=str(error),
+        )
+
+    # ---- unloading ----------------------------------------------------------------------
+
+    def unload(self, peer: Peer | None = None, request_id: int | None = None) -> None:
+        """End running predictions (``modelUnloaded``) and stop the worker."""
+        if peer is not None and request_id is not None:
+            self.unload_waiters.append((peer, request_id))
+        if self.state in ("unloading", "gone"):
+            return
+        self.state = "unloading"
+        self.on_gone(self)
+        for seq_id in list(self._runs):
+            self._cancel(seq_id, "modelUnloaded")
+        error = ErrorInfo(kind="model_not_found", message=f"Model {self.info.identifier!r} was unloaded")
+        for waiter in self.load_waiters:
+            waiter.peer.send(Failed(id=waiter.request_id, error=error))
+        for peer_, request_id_, _, _ in self._pending:
+            peer_.send(Failed(id=request_id_, error=error))
+        for peer_, request_id_ in self._tokenize.values():
+            peer_.send(Failed(id=request_id_, error=error))
+        self.load_waiters.clear()
+        self._pending.clear()
+        self._tokenize.clear()
+        self._worker.send(w.Shutdown())

@@ -1,0 +1,316 @@
+"""The kernel: a trio program that routes requests to model actors.
+
+It owns the model registry (loaded and loading instances), resolves keys through the
+catalog, picks a backend, deduplicates concurrent loads of one model, supervises the
+actors, and validates configs (a request with a bad config fails before any compute).
+Everything here runs on the kernel's trio thread; clients reach it through
+:meth:`Kernel.connect` and :meth:`Kernel.receive` (see :mod:`lmkernel.kernel.runtime`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import msgspec
+import trio
+
+from ..errors import (
+    LMKernelBackendUnavailableError,
+    LMKernelError,
+    LMKernelModelNotFoundError,
+    LMKernelUnsupportedConfigError,
+    LMKernelValueError,
+    error_kind,
+)
+from ..plugins.contract import Backend
+from ..plugins.discovery import Discovery, discover
+from . import messages as m
+from ._actor import ModelActor, Peer, _Waiter
+from ._catalog import Catalog, CatalogEntry
+from .config import (
+    KERNEL_LOAD_KEYS,
+    KERNEL_PREDICTION_KEYS,
+    LlmLoadModelConfig,
+    LlmPredictionConfig,
+    parse_load_config,
+    parse_prediction_config,
+    set_keys,
+)
+
+log = logging.getLogger("lmkernel.kernel")
+
+
+def _error(exc: LMKernelError, **extra: str | None) -> m.ErrorInfo:
+    return m.ErrorInfo(kind=error_kind(exc), message=str(exc), **extra)
+
+
+class Kernel:
+    """Serve requests until :meth:`shutdown`. Create, then ``await kernel.serve()``."""
+
+    def __init__(self, discovery: Discovery | None = None, catalog: Catalog | None = None) -> None:
+        self.discovery = discovery or discover()
+        self.catalog = catalog or Catalog([s.backend for s in self.discovery.statuses if s.backend])
+        self._actors: list[ModelActor] = []  # loaded and loading, in load order
+        self._nursery: trio.Nursery | None = None
+        self._stop = trio.Event()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self._stop.wait()
+            for actor in list(self._actors):
+                actor.unload()
+        self._nursery = None
+
+    def shutdown(self) -> None:
+        """Unload every model and end :meth:`serve` once their workers have stopped."""
+        self._stop.set()
+
+    # ---- connections -------------------------------------------------------------------
+
+    def connect(self, sink: Callable[[bytes], None]) -> Peer:
+        """Open a client connection; encoded events for it go to ``sink``."""
+
+        def send(event: m.Event) -> None:
+            if not peer.closed:
+                try:
+                    sink(m.encode(event))
+                except Exception:
+                    log.exception("client sink failed; dropping its connection")
+                    self.disconnect(peer)
+
+        peer = Peer(send)
+        return peer
+
+    def disconnect(self, peer: Peer) -> None:
+        """Close a connection: its running predictions are cancelled."""
+        if peer.closed:
+            return
+        peer.closed = True
+        for actor, seq_id in list(peer.predictions.values()):
+            actor.submit(("cancel", seq_id))
+
+    def receive(self, peer: Peer, frame: bytes) -> None:
+        """Handle one encoded request frame from ``peer``."""
+        try:
+            request = m.decode_request(frame)
+        except msgspec.DecodeError as exc:
+            log.warning("dropping a malformed request frame: %s", exc)
+            return
+        self.handle(peer, request)
+
+    def handle(self, peer: Peer, request: m.Request) -> None:
+        match request:
+            case m.Predict():
+                self._predict(peer, request)
+            case m.Cancel(target=target):
+                owned = peer.predictions.get(target)
+                if owned is not None:
+                    actor, seq_id = owned
+                    actor.submit(("cancel", seq_id))
+            case m.Load():
+                self._spawn(self._load, peer, request)
+            case m.Unload(model=key):
+                actor = self._find(key)
+                if actor is None:
+                    self._not_found(peer, request.id, key)
+                else:
+                    actor.submit(("unload", peer, request.id))
+            case m.Tokenize(model=key, texts=texts):
+                actor = self._find(key)
+                if actor is None:
+                    self._not_found(peer, request.id, key)
+                else:
+                    actor.submit(("tokenize", peer, request.id, texts))
+            case m.GetInfo(model=key):
+                actor = self._find(key)
+                if actor is None:
+                    self._not_found(peer, request.id, key)
+                else:
+                    actor.submit(("info", peer, request.id))
+            case m.ListLoaded():
+                infos = [a.info for a in self._actors if a.state == "ready"]
+                peer.send(m.LoadedList(id=request.id, models=infos))
+            case m.ListDownloaded():
+                self._spawn(self._list_downloaded, peer, request)
+
+    def _spawn(self, fn, peer: Peer, request: m.Request) -> None:
+        assert self._nursery is not None, "the kernel is not serving"
+        self._nursery.start_soon(fn, peer, request)
+
+    # ---- registry ----------------------------------------------------------------------
+
+    def _find(self, key: str) -> ModelActor | None:
+        live = [a for a in self._actors if a.state in ("loading", "ready")]
+        for match in (
+            lambda a: a.info.identifier == key,
+            lambda a: a.info.model_key == key,
+            lambda a: a.info.path == key,
+        ):
+            found = next((a for a in live if match(a)), None)
+            if found is not None:
+                return found
+        return None
+
+    def _gone(self, actor: ModelActor) -> None:
+        if actor in self._actors:
+            self._actors.remove(actor)
+
+    def _not_found(self, peer: Peer, request_id: int, key: str) -> None:
+        loaded = ", ".join(a.info.identifier for a in self._actors if a.state == "ready") or "none"
+        peer.send(m.Failed(id=request_id, error=m.ErrorInfo(
+            kind="model_not_found",
+            message=f"No loaded model has the identifier {key!r} (loaded: {loaded})",
+            model=key,
+        )))
+
+    # ---- predictions -------------------------------------------------------------------
+
+    def _predict(self, peer: Peer, request: m.Predict) -> None:
+        actor = self._find(request.model)
+        if actor is None:
+            self._not_found(peer, request.id, request.model)
+            return
+        try:
+            config = parse_prediction_config(request.config)
+            self._check_supported(config, actor)
+        except LMKernelError as exc:
+            peer.send(m.Failed(id=request.id, error=_error(exc, model=actor.info.identifier)))
+            return
+        actor.submit(("predict", peer, request.id, request.prompt, config))
+
+    @staticmethod
+    def _check_supported(config: LlmPredictionConfig, actor: ModelActor) -> None:
+        backend = actor.backend
+        unsupported = sorted(set_keys(config) - KERNEL_PREDICTION_KEYS - backend.prediction_keys)
+        if unsupported:
+            raise LMKernelUnsupportedConfigError(
+                f"Prediction config key(s) {', '.join(map(repr, unsupported))} are not supported by "
+                f"backend {backend.name!r} (model {actor.info.identifier!r}); supported keys: "
+                f"{', '.join(sorted(KERNEL_PREDICTION_KEYS | backend.prediction_keys))}"
+            )
+        policy = config.context_overflow_policy
+        if policy not in (None, "stopAtLimit"):
+            raise LMKernelUnsupportedConfigError(
+                f"contextOverflowPolicy {policy!r} is not supported; lmkernel implements 'stopAtLimit'"
+            )
+
+    # ---- loading -----------------------------------------------------------------------
+
+    async def _load(self, peer: Peer, request: m.Load) -> None:
+        try:
+            await self._load_or_get(peer, request)
+        except LMKernelError as exc:
+            peer.send(m.Failed(id=request.id, error=_error(exc, model=request.model)))
+
+    async def _load_or_get(self, peer: Peer, request: m.Load) -> None:
+        config = parse_load_config(request.config)
+        if request.model is None and not request.new_instance:
+            ready = [a for a in self._actors if a.state == "ready"]
+            if ready:
+                peer.send(m.Loaded(id=request.id, info=ready[0].info, already_loaded=True,
+                                   load_config=ready[0].load_config.to_dict()))
+                return
+        if request.model is not None and not request.new_instance:
+            actor = self._find(request.model)
+            if actor is not None:
+                self._join(actor, peer, request.id)
+                return
+        if request.model is None:
+            entry = await trio.to_thread.run_sync(self.catalog.default)
+        else:
+            entry = await trio.to_thread.run_sync(self.catalog.resolve, request.model)
+        if not request.new_instance:
+            actor = self._find(entry.key) or self._find(str(entry.path))
+            if actor is not None:
+                self._join(actor, peer, request.id)
+                return
+        backend = self._choose_backend(entry, config)
+        self._check_load_config(entry, backend, config)
+        identifier = self._new_identifier(entry.key, request.identifier)
+        desc = entry.descriptions[backend.name]
+        info = m.LlmInstanceInfo(
+            **msgspec.structs.asdict(entry.info()),
+            identifier=identifier,
+            instance_reference=identifier,
+            context_length=config.context_length or desc.max_context_length,
+            backend=backend.name,
+        )
+        actor = ModelActor(info, backend, entry.path, config, request.ttl, self._gone)
+        self._actors.append(actor)
+        self._join(actor, peer, request.id)
+        assert self._nursery is not None
+        await self._nursery.start(actor.run)
+
+    def _join(self, actor: ModelActor, peer: Peer, request_id: int) -> None:
+        waiter = _Waiter(peer, request_id)
+        waiter.progress(0.0)
+        if actor.state == "ready":
+            waiter.progress(1.0)
+            peer.send(m.Loaded(id=request_id, info=actor.info, already_loaded=True,
+                               load_config=actor.load_config.to_dict()))
+        else:
+            actor.load_waiters.append(waiter)
+
+    def _choose_backend(self, entry: CatalogEntry, config: LlmLoadModelConfig) -> Backend:
+        if config.backend is not None:
+            status = self.discovery.get(config.backend)
+            if status is None or status.backend is None:
+                known = ", ".join(s.name for s in self.discovery.statuses) or "none"
+                raise LMKernelValueError(f"Unknown backend {config.backend!r} in load config (known: {known})")
+            if not status.availability.available:
+                raise LMKernelBackendUnavailableError(
+                    f"Backend {config.backend!r} cannot run here: {status.availability.reason}"
+                )
+            if config.backend not in entry.descriptions:
+                raise LMKernelBackendUnavailableError(
+                    f"Backend {config.backend!r} cannot load model {entry.key!r} ({entry.path})"
+                )
+            return status.backend
+        for backend in self.discovery.available:
+            if backend.name in entry.descriptions:
+                return backend
+        reasons = "; ".join(
+            f"{name}: {self.discovery.get(name).availability.reason}"
+            for name in entry.descriptions
+            if self.discovery.get(name) is not None
+        )
+        raise LMKernelBackendUnavailableError(
+            f"No available backend can run model {entry.key!r} on this machine ({reasons or 'none accepts it'})"
+        )
+
+    @staticmethod
+    def _check_load_config(entry: CatalogEntry, backend: Backend, config: LlmLoadModelConfig) -> None:
+        unsupported = sorted(set_keys(config) - KERNEL_LOAD_KEYS - backend.load_keys)
+        if unsupported:
+            raise LMKernelUnsupportedConfigError(
+                f"Load config key(s) {', '.join(map(repr, unsupported))} are not supported by backend "
+                f"{backend.name!r}; supported keys: {', '.join(sorted(KERNEL_LOAD_KEYS | backend.load_keys))}"
+            )
+        limit = entry.descriptions[backend.name].max_context_length
+        if config.context_length is not None and config.context_length > limit:
+            raise LMKernelUnsupportedConfigError(
+                f"Invalid load config value for 'contextLength': model {entry.key!r} supports at most "
+                f"{limit} tokens, got {config.context_length}"
+            )
+
+    def _new_identifier(self, key: str, wanted: str | None) -> str:
+        taken = {a.info.identifier for a in self._actors}
+        if wanted is not None:
+            if wanted in taken:
+                raise LMKernelValueError(f"A model instance with identifier {wanted!r} already exists")
+            return wanted
+        if key not in taken:
+            return key
+        n = 2
+        while f"{key}:{n}" in taken:
+            n += 1
+        return f"{key}:{n}"
+
+    async def _list_downloaded(self, peer: Peer, request: m.ListDownloaded) -> None:
+        entries = await trio.to_thread.run_sync(self.catalog.entries)
+        peer.send(m.DownloadedList(id=request.id, models=[e.info() for e in entries]))

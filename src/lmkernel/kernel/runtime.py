@@ -1,0 +1,148 @@
+"""Run a kernel on its own thread, and the in-process transport to it.
+
+:class:`KernelThread` runs ``trio.run(kernel.serve)`` on a background thread. Clients
+connect with :meth:`KernelThread.connect`, giving a sink for encoded event frames; the
+returned :class:`InProcessConnection` sends encoded request frames. Frames are handed over
+with ``TrioToken.run_sync_soon``: thread-safe, non-blocking, in order.
+
+:func:`default_kernel` is the process-wide kernel, started on first use and shut down when
+the interpreter exits (models unloaded, engine threads ended cleanly).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import trio
+
+from ..errors import LMKernelConnectionError
+from ._actor import Peer
+from ._kernel import Kernel
+
+__all__ = ["InProcessConnection", "KernelThread", "default_kernel"]
+
+log = logging.getLogger("lmkernel.kernel")
+
+
+class InProcessConnection:
+    """A client's handle on an in-process kernel: send frames, then close once."""
+
+    def __init__(self, owner: KernelThread, peer: Peer) -> None:
+        self._owner = owner
+        self._peer = peer
+
+    def send(self, frame: bytes) -> None:
+        """Queue one encoded request frame for the kernel (any thread, never blocks)."""
+        self._owner.call_soon(self._owner.kernel.receive, self._peer, frame)
+
+    def close(self) -> None:
+        """Disconnect; the kernel cancels this connection's running predictions."""
+        try:
+            self._owner.call_soon(self._owner.kernel.disconnect, self._peer)
+        except LMKernelConnectionError:
+            pass
+
+
+class KernelThread:
+    """A :class:`Kernel` serving on a daemon thread of this process."""
+
+    def __init__(self, kernel_factory: Callable[[], Kernel] = Kernel) -> None:
+        self._factory = kernel_factory
+        self.kernel: Kernel | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> KernelThread:
+        self._thread = threading.Thread(target=self._main, name="lmkernel-kernel", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise LMKernelConnectionError(f"the kernel failed to start: {self._error!r}") from self._error
+        return self
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._serve)
+        except BaseException as exc:  # report start-up failures to start(); log the rest
+            self._error = exc
+            log.exception("lmkernel kernel thread ended with an error")
+        finally:
+            self._token = None
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self.kernel = self._factory()
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.kernel.serve)
+            self._ready.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._token is not None and self._thread is not None and self._thread.is_alive()
+
+    def call_soon(self, fn: Callable, *args: object) -> None:
+        token = self._token
+        if token is None:
+            raise LMKernelConnectionError("The lmkernel kernel is not running")
+        try:
+            token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            raise LMKernelConnectionError("The lmkernel kernel is not running") from None
+
+    def connect(self, sink: Callable[[bytes], None]) -> InProcessConnection:
+        """Open a connection whose events go to ``sink`` (called on the kernel thread)."""
+        assert self.kernel is not None
+        box: list[Peer] = []
+        done = threading.Event()
+
+        def open_peer() -> None:
+            box.append(self.kernel.connect(sink))
+            done.set()
+
+        if threading.current_thread() is self._thread:
+            open_peer()
+        else:
+            self.call_soon(open_peer)
+            done.wait()
+        return InProcessConnection(self, box[0])
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Shut the kernel down (models unloaded, engine threads joined) and wait."""
+        if self.kernel is not None and self.alive:
+            try:
+                self.call_soon(self.kernel.shutdown)
+            except LMKernelConnectionError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+_default: KernelThread | None = None
+_default_lock = threading.Lock()
+
+
+def default_kernel() -> KernelThread:
+    """The process-wide kernel thread, started on first use."""
+    global _default
+    with _default_lock:
+        if _default is None or not _default.alive:
+            _default = KernelThread().start()
+            _register_exit(_default)
+        return _default
+
+
+def _register_exit(kernel: KernelThread) -> None:
+    # Runs before daemon threads are abandoned, so engine threads end (and release their
+    # thread-bound state, e.g. MLX streams) while the interpreter is still whole.
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(kernel.stop)
+    else:  # pragma: no cover
+        import atexit
+
+        atexit.register(kernel.stop)
