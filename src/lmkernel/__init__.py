@@ -1,0 +1,38 @@
+"""lmkernel: the LM Studio Python SDK's text-completion API, running models in-process.
+
+``import lmkernel as lms`` and use ``lms.llm()``, ``lms.Client``, ``lms.AsyncClient``,
+``model.complete(...)`` and ``model.complete_stream(...)`` as documented for LM Studio.
+This module only re-exports the public names; heavy engines load with the first model.
+"""
+
+from msgspec import ValidationError
+
+from .errors import *  # noqa: F403 - the exception hierarchy is public
+from .errors import LMSTUDIO_ALIASES as _ALIASES
+from .errors import __all__ as _errors_all
+from .kernel.config import LlmLoadModelConfig, LlmPredictionConfig, LlmStructuredPredictionSetting
+from .kernel.messages import LlmInfo, LlmInstanceInfo, LlmPredictionStats
+from .sdk import *  # noqa: F403
+from .sdk import __all__ as _sdk_all
+from .sdk._ops import DEFAULT_TTL
+from .testing import build_tiny_llama
+
+globals().update(_ALIASES)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    *_sdk_all,
+    *_errors_all,
+    *_ALIASES,
+    "DEFAULT_TTL",
+    "LlmInfo",
+    "LlmInstanceInfo",
+    "LlmLoadModelConfig",
+    "LlmPredictionConfig",
+    "LlmPredictionStats",
+    "LlmStructuredPredictionSetting",
+    "ValidationError",
+    "build_tiny_llama",
+    "__version__",
+]

@@ -1,0 +1,157 @@
+"""The client side of a kernel connection: frames in, events routed to per-request inboxes.
+
+The kernel thread calls :meth:`Connection._feed` with each encoded event; it is decoded
+there and put into the inbox of its request. An :class:`Inbox` is a thread-safe queue read
+by one consumer: blocking with a timeout (sync API), or awaited under asyncio or trio
+through a *waker* that the producer pokes after each put.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..errors import LMKernelConnectionError, LMKernelTimeoutError
+from ..kernel import messages as m
+
+if TYPE_CHECKING:
+    from ..kernel.runtime import KernelThread
+
+
+class _AsyncioWaker:
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+
+    def wake(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._event.set)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening
+            pass
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event.clear()
+
+
+class _TrioWaker:
+    def __init__(self) -> None:
+        import trio
+
+        self._trio = trio
+        self._token = trio.lowlevel.current_trio_token()
+        self._event = trio.Event()
+
+    def wake(self) -> None:
+        try:
+            self._token.run_sync_soon(self._set)
+        except self._trio.RunFinishedError:
+            pass
+
+    def _set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = self._trio.Event()
+
+
+def current_waker() -> _AsyncioWaker | _TrioWaker:
+    """A waker for the running event loop (asyncio or trio)."""
+    import sniffio
+
+    library = sniffio.current_async_library()
+    if library == "trio":
+        return _TrioWaker()
+    if library == "asyncio":
+        return _AsyncioWaker()
+    raise LMKernelConnectionError(f"lmkernel's async API runs under asyncio or trio, not {library}")
+
+
+class Inbox:
+    """Events for one request, put by the kernel thread, taken by one consumer."""
+
+    __slots__ = ("_queue", "waker")
+
+    def __init__(self, waker: _AsyncioWaker | _TrioWaker | None = None) -> None:
+        self._queue: queue.SimpleQueue[m.Event] = queue.SimpleQueue()
+        self.waker = waker
+
+    def put(self, event: m.Event) -> None:
+        self._queue.put(event)
+        if self.waker is not None:
+            self.waker.wake()
+
+    def get(self, timeout: float | None) -> m.Event:
+        """Block until the next event; :class:`LMKernelTimeoutError` after ``timeout`` s."""
+        try:
+            if timeout is not None and timeout <= 0:
+                return self._queue.get_nowait()
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise LMKernelTimeoutError(
+                f"No answer from the kernel within {timeout} s (see lmkernel.set_sync_api_timeout)"
+            ) from None
+
+    def get_nowait(self) -> m.Event | None:
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    async def aget(self) -> m.Event:
+        """Await the next event (needs a waker for the running loop)."""
+        assert self.waker is not None
+        while (event := self.get_nowait()) is None:
+            await self.waker.wait()
+        return event
+
+
+class Connection:
+    """One client's connection to a kernel. Thread-safe; close once."""
+
+    def __init__(self, kernel: KernelThread | None = None) -> None:
+        from ..kernel.runtime import default_kernel
+
+        self._ids = itertools.count(1)
+        self._inboxes: dict[int, Inbox] = {}
+        self._transport = (kernel or default_kernel()).connect(self._feed)
+        self.closed = False
+
+    def open(self, make: Callable[[int], m.Request], waker=None) -> tuple[int, Inbox]:
+        """Send the request ``make(id)``; return its id and the inbox its events arrive in."""
+        if self.closed:
+            raise LMKernelConnectionError("This client is closed")
+        request_id = next(self._ids)
+        inbox = Inbox(waker)
+        self._inboxes[request_id] = inbox
+        self._transport.send(m.encode(make(request_id)))
+        return request_id, inbox
+
+    def send(self, make: Callable[[int], m.Request]) -> None:
+        """Send a request that gets no answer of its own (a cancel)."""
+        if not self.closed:
+            self._transport.send(m.encode(make(next(self._ids))))
+
+    def _feed(self, frame: bytes) -> None:  # kernel thread
+        event = m.decode_event(frame)
+        inbox = self._inboxes.get(event.id)
+        if inbox is None:
+            return
+        if m.is_terminal(event):
+            del self._inboxes[event.id]
+        inbox.put(event)
+
+    def close(self) -> None:
+        """Close: the kernel cancels this connection's predictions; waiters get an error."""
+        if self.closed:
+            return
+        self.closed = True
+        self._transport.close()
+        error = m.ErrorInfo(kind="kernel_closed", message="The client was closed before the kernel answered")
+        for request_id, inbox in list(self._inboxes.items()):
+            inbox.put(m.Failed(id=request_id, error=error))
+        self._inboxes.clear()

@@ -1,0 +1,153 @@
+"""Requests and their answers, written once for every facade.
+
+Each operation is a :class:`Call`: how to build the request, what to do with load
+progress, and how to read the terminal event. The sync facade runs a call with
+:func:`run_sync`, the async one with :func:`run_async`; neither knows any operation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from ..errors import (
+    LMKernelClientError,
+    LMKernelPresetNotFoundError,
+    LMKernelUnsupportedConfigError,
+    LMKernelValueError,
+    error_from_info,
+)
+from ..kernel import messages as m
+from ..kernel.config import LlmLoadModelConfig, parse_load_config, parse_prediction_config
+from ._connection import Connection, current_waker
+
+T = TypeVar("T")
+log = logging.getLogger("lmkernel")
+
+DEFAULT_TTL = 3600
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    make: Callable[[int], m.Request]
+    parse: Callable[[m.Event], T]
+    on_progress: Callable[[float], Any] | None = None
+
+    def progress(self, value: float) -> None:
+        if self.on_progress is not None:
+            try:
+                self.on_progress(value)
+            except Exception:
+                log.exception("on_load_progress callback failed")
+
+
+def expect(event: m.Event, kind: type[m.Event]) -> Any:
+    """Return ``event`` if it is a ``kind``; raise the reported error if it is a failure."""
+    if isinstance(event, kind):
+        return event
+    if isinstance(event, m.Failed):
+        raise error_from_info(event.error)
+    raise LMKernelClientError(f"Unexpected answer from the kernel: {event!r}")
+
+
+def run_sync(connection: Connection, call: Call[T], timeout: float | None) -> T:
+    _, inbox = connection.open(call.make)
+    while isinstance(event := inbox.get(timeout), m.LoadProgress):
+        call.progress(event.progress)
+    return call.parse(event)
+
+
+async def run_async(connection: Connection, call: Call[T]) -> T:
+    _, inbox = connection.open(call.make, current_waker())
+    while isinstance(event := await inbox.aget(), m.LoadProgress):
+        call.progress(event.progress)
+    return call.parse(event)
+
+
+# ---- operations ----------------------------------------------------------------------
+
+
+def load(
+    key: str | None,
+    *,
+    identifier: str | None = None,
+    ttl: int | float | None = DEFAULT_TTL,
+    config: LlmLoadModelConfig | dict | None = None,
+    new_instance: bool = False,
+    on_progress: Callable[[float], Any] | None = None,
+) -> Call[str]:
+    """Get or load a model; the answer is the instance identifier."""
+    if key is not None and not isinstance(key, str):
+        raise LMKernelValueError(f"A model key must be a string, got {type(key).__name__}: {key!r}")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0):
+        raise LMKernelValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+    settings = parse_load_config(config).to_dict()
+    return Call(
+        lambda i: m.Load(id=i, model=key, identifier=identifier, ttl=ttl, config=settings, new_instance=new_instance),
+        lambda ev: expect(ev, m.Loaded).info.identifier,
+        on_progress,
+    )
+
+
+def list_loaded() -> Call[list[m.LlmInstanceInfo]]:
+    return Call(lambda i: m.ListLoaded(id=i), lambda ev: expect(ev, m.LoadedList).models)
+
+
+def list_downloaded() -> Call[list[m.LlmInfo]]:
+    return Call(lambda i: m.ListDownloaded(id=i), lambda ev: expect(ev, m.DownloadedList).models)
+
+
+def unload(identifier: str) -> Call[None]:
+    return Call(lambda i: m.Unload(id=i, model=identifier), lambda ev: expect(ev, m.Done) and None)
+
+
+def get_info(identifier: str) -> Call[m.InstanceInfo]:
+    return Call(lambda i: m.GetInfo(id=i, model=identifier), lambda ev: expect(ev, m.InstanceInfo))
+
+
+def tokenize(identifier: str, text: str | Iterable[str]) -> Call[list[int] | list[list[int]]]:
+    """Tokenize one string (a list of ids) or several (a list of lists)."""
+    single = isinstance(text, str)
+    texts = [text] if single else list(text)
+    if not all(isinstance(t, str) for t in texts):
+        raise LMKernelValueError(f"tokenize() takes a string or an iterable of strings, got {text!r}")
+
+    def parse(ev: m.Event) -> list[int] | list[list[int]]:
+        tokens = expect(ev, m.TokenLists).tokens
+        return tokens[0] if single else tokens
+
+    return Call(lambda i: m.Tokenize(id=i, model=identifier, texts=texts), parse)
+
+
+def predict_request(identifier: str, prompt: str, config: Any) -> Callable[[int], m.Predict]:
+    """Validate ``config`` now (before any compute) and build the request factory."""
+    if not isinstance(prompt, str):
+        raise LMKernelValueError(f"The prompt must be a string, got {type(prompt).__name__}: {prompt!r}")
+    settings = parse_prediction_config(config).to_dict()
+    return lambda i: m.Predict(id=i, model=identifier, prompt=prompt, config=settings)
+
+
+def check_namespace(namespace: str | None) -> None:
+    if namespace not in (None, "llm", "embedding"):
+        raise LMKernelValueError(f"Unknown model namespace: {namespace!r}")
+
+
+def reject_unsupported(*, response_format: Any, preset: str | None) -> None:
+    """Refuse the ``complete()`` arguments lmkernel cannot honour yet, before any compute."""
+    if response_format is not None:
+        raise LMKernelUnsupportedConfigError(
+            f"response_format (structured output) is not supported by lmkernel yet, got {response_format!r}"
+        )
+    if preset is not None:
+        raise LMKernelPresetNotFoundError(f"No preset named {preset!r}: lmkernel has no saved presets")
+
+
+def check_local(api_host: str | None) -> None:
+    """Only the in-process kernel is reachable in this version."""
+    if api_host not in (None, "in-process"):
+        raise LMKernelClientError(
+            f"Cannot connect to {api_host!r}: this version of lmkernel runs models in-process only "
+            "(create the client without an api_host)"
+        )
