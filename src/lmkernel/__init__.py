@@ -14,6 +14,7 @@ from .kernel.config import LlmLoadModelConfig, LlmPredictionConfig, LlmStructure
 from .kernel.messages import LlmInfo, LlmInstanceInfo, LlmPredictionStats
 from .sdk import *  # noqa: F403
 from .sdk import __all__ as _sdk_all
+from .sdk import async_api, sync_api
 from .sdk._ops import DEFAULT_TTL
 from .testing import build_tiny_llama
 

@@ -1,0 +1,144 @@
+"""The ``lmkernel`` command: ``complete``, ``models``, ``backends``.
+
+``lmkernel complete "The cat in the"`` streams the completion to stdout and writes the
+stats to stderr, with progress bars (model load, prompt processing) on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal; on anything else, one line when it completes."""
+
+    def __init__(self, label: str, stream: TextIO = sys.stderr, width: int = 30) -> None:
+        self.label = label
+        self.stream = stream
+        self.width = width
+        self.live = stream.isatty()
+        self.done = False
+
+    def __call__(self, fraction: float) -> None:
+        if self.done:
+            return
+        fraction = max(0.0, min(1.0, fraction))
+        if self.live:
+            filled = int(round(self.width * fraction))
+            bar = "█" * filled + "░" * (self.width - filled)
+            self.stream.write(f"\r{self.label:<18} {bar} {fraction * 100:5.1f}%")
+            if fraction >= 1.0:
+                self.stream.write("\n")
+        elif fraction >= 1.0:
+            self.stream.write(f"{self.label}: 100%\n")
+        if fraction >= 1.0:
+            self.done = True
+        self.stream.flush()
+
+
+def _complete(args: argparse.Namespace) -> int:
+    import lmkernel as lms
+
+    config: dict = {}
+    if args.max_tokens is not None:
+        config["maxTokens"] = args.max_tokens
+    if args.temperature is not None:
+        config["temperature"] = args.temperature
+    if args.stop:
+        config["stopStrings"] = args.stop
+    load_config = {"contextLength": args.context_length} if args.context_length else None
+    with lms.Client() as client:
+        model = client.llm.model(args.model, config=load_config, on_load_progress=ProgressBar("loading model"))
+        stream = model.complete_stream(
+            args.prompt, config=config, on_prompt_processing_progress=ProgressBar("processing prompt")
+        )
+        sys.stdout.write(args.prompt if args.echo else "")
+        for fragment in stream:
+            sys.stdout.write(fragment.content)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        result = stream.result()
+    stats = result.stats
+    print(
+        f"model: {result.model_info.model_key} | stop reason: {stats.stop_reason} | "
+        f"prompt tokens: {stats.prompt_tokens_count} | predicted tokens: {stats.predicted_tokens_count} | "
+        f"time to first token: {stats.time_to_first_token_sec:.3f} s | "
+        f"{stats.tokens_per_second:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .kernel._catalog import BUILTIN_TINY, Catalog
+    from .plugins.discovery import discover
+
+    found = discover()
+    catalog = Catalog([s.backend for s in found.statuses if s.backend])
+    entries = catalog.entries()
+    rows = [("KEY", "ARCH", "PARAMS", "CONTEXT", "BACKENDS", "PATH")]
+    for e in entries:
+        info = e.info()
+        rows.append((e.key, info.architecture or "?", info.params_string or "?", str(info.max_context_length),
+                     ",".join(e.descriptions), str(e.path)))
+    rows.append((BUILTIN_TINY, "llama", "5M", "4096", "mlx", "(built in: random weights, generated on first use)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if not entries:
+        print("\nNo model folders found: set LMKERNEL_MODELS to a folder of Hugging Face-format models.",
+              file=sys.stderr)
+    return 0
+
+
+def _backends(args: argparse.Namespace) -> int:
+    from .plugins.discovery import discover
+
+    found = discover()
+    if not found.statuses:
+        print("No backends registered under the 'lmkernel.backends' entry point.")
+    for status in found.statuses:
+        a = status.availability
+        state = "available" if a.available else "unavailable"
+        detail = a.notes if a.available else a.reason
+        print(f"{status.name:<12} {state:<12} {detail}")
+        print(f"{'':<12} from {status.source}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmkernel", description="Run local language models in-process.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    complete = sub.add_parser("complete", help="complete a prompt, streaming to stdout")
+    complete.add_argument("prompt")
+    complete.add_argument("--model", default=None, help="model key or path (default: the default model)")
+    complete.add_argument("--max-tokens", type=int, default=100)
+    complete.add_argument("--temperature", type=float, default=None)
+    complete.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    complete.add_argument("--context-length", type=int, default=None)
+    complete.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    complete.set_defaults(run=_complete)
+
+    sub.add_parser("models", help="list the models found on this machine").set_defaults(run=_models)
+    sub.add_parser("backends", help="list backends and whether they can run here").set_defaults(run=_backends)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import LMKernelError
+
+    try:
+        return args.run(args)
+    except LMKernelError as exc:
+        print(f"lmkernel: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

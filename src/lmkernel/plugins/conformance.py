@@ -1,0 +1,242 @@
+"""The conformance kit: drive any backend through the contract and check what it must do.
+
+Every backend in this repository runs it, and a third-party backend should too::
+
+    from lmkernel.plugins.conformance import Conformance
+    kit = Conformance(MyBackend(), "/path/to/a/small/model")
+    for name in kit.checks():
+        getattr(kit, name)()          # raises AssertionError with a reason on failure
+
+or, in pytest, parametrize over ``Conformance.checks()``. Engine-level checks call the
+engine from one dedicated thread, as the kernel does; kernel-level checks run a private
+kernel that knows only this backend and talk to it with the real protocol.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .contract import Backend, Engine, LoadOptions, PromptProgress, Sampling, SequenceEnd, Token
+from .discovery import BackendStatus, Discovery
+
+GREEDY = Sampling(temperature=0.0)
+LONG_PROMPT = " ".join(["the cat sat on the mat and the dog ran home"] * 30)
+
+
+class _EngineThread:
+    """Runs engine calls on one thread (the contract's threading rule)."""
+
+    def __init__(self, backend: Backend, path: Path, options: LoadOptions) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._backend = backend
+        self._thread = threading.Thread(target=self._run, args=(path, options), daemon=True)
+        self._thread.start()
+        self.engine: Engine = self.call(lambda e: e)
+
+    def _run(self, path: Path, options: LoadOptions) -> None:
+        engine = None
+        try:
+            engine = self._backend.load(path, options, lambda p: None)
+            while (item := self._calls.get()) is not None:
+                fn, reply = item
+                try:
+                    reply.put((True, fn(engine)))
+                except BaseException as exc:
+                    reply.put((False, exc))
+        except BaseException as exc:
+            while True:
+                item = self._calls.get()
+                if item is None:
+                    break
+                item[1].put((False, exc))
+        finally:
+            if engine is not None:
+                engine.close()
+            self._backend.release_thread()
+
+    def call(self, fn: Callable[[Engine], Any]) -> Any:
+        reply: queue.SimpleQueue = queue.SimpleQueue()
+        self._calls.put((fn, reply))
+        ok, value = reply.get(timeout=300)
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        self._calls.put(None)
+        self._thread.join(60)
+
+
+def _run_all(engine: Engine, limit: int = 10_000) -> dict[int, list]:
+    events: dict[int, list] = {}
+    for _ in range(limit):
+        if not engine.busy:
+            return events
+        for event in engine.step():
+            events.setdefault(event.seq_id, []).append(event)
+    raise AssertionError(f"the engine was still busy after {limit} steps")
+
+
+def _tokens(events: list) -> list[int]:
+    return [e.token_id for e in events if isinstance(e, Token)]
+
+
+class Conformance:
+    """Checks for one backend and one (small) model folder it accepts."""
+
+    def __init__(self, backend: Backend, model_path: str | Path) -> None:
+        self.backend = backend
+        self.path = Path(model_path)
+
+    @classmethod
+    def checks(cls) -> list[str]:
+        return sorted(name for name in dir(cls) if name.startswith("check_"))
+
+    def _engine(self, **options: Any) -> _EngineThread:
+        return _EngineThread(self.backend, self.path, LoadOptions(**options))
+
+    # ---- engine level -------------------------------------------------------------------
+
+    def check_available_and_describes(self) -> None:
+        availability = self.backend.availability()
+        assert availability.available, f"backend {self.backend.name!r} is not available: {availability.reason}"
+        desc = self.backend.describe(self.path)
+        assert desc is not None, f"backend {self.backend.name!r} does not accept {self.path}"
+        assert desc.max_context_length > 0 and desc.size_bytes > 0, desc
+
+    def check_event_order_and_budget(self) -> None:
+        runner = self._engine()
+        try:
+            def scenario(engine: Engine):
+                prompt = engine.tokenize("The cat sat on the")
+                assert prompt and all(isinstance(t, int) for t in prompt), prompt
+                engine.add(1, prompt, GREEDY, 7)
+                return prompt, _run_all(engine)
+
+            prompt, events = runner.call(scenario)
+        finally:
+            runner.close()
+        seq = events[1]
+        progress = [e for e in seq if isinstance(e, PromptProgress)]
+        assert progress and progress[0].processed == 0, f"first progress must be 0: {progress}"
+        assert all(p.total == len(prompt) for p in progress), progress
+        done = [p.processed for p in progress]
+        assert done == sorted(done) and done[-1] == len(prompt), f"progress must rise to the total: {done}"
+        first_token = next(i for i, e in enumerate(seq) if isinstance(e, Token | SequenceEnd))
+        assert all(isinstance(e, PromptProgress) for e in seq[:first_token]), "tokens before prompt progress ended"
+        assert isinstance(seq[-1], SequenceEnd) and sum(isinstance(e, SequenceEnd) for e in seq) == 1, seq[-3:]
+        tokens = _tokens(seq)
+        if seq[-1].reason == "length":
+            assert len(tokens) == 7, f"budget 7 but {len(tokens)} tokens before 'length'"
+        else:
+            assert len(tokens) < 7, "an 'eos' end after the budget was spent"
+
+    def check_remove_during_prefill_and_decode(self) -> None:
+        runner = self._engine(eval_batch_size=16)
+        try:
+            def scenario(engine: Engine):
+                long = engine.tokenize(LONG_PROMPT)
+                engine.add(1, long, GREEDY, 50)
+                engine.add(2, engine.tokenize("Once upon a time"), GREEDY, 50)
+                seen: dict[int, list] = {1: [], 2: []}
+                removed_at: dict[int, int] = {}
+                for step in range(10_000):
+                    if not engine.busy:
+                        break
+                    for event in engine.step():
+                        assert event.seq_id not in removed_at, f"event for a removed sequence: {event}"
+                        seen[event.seq_id].append(event)
+                    if 1 not in removed_at and any(isinstance(e, PromptProgress) and 0 < e.processed < len(long)
+                                                   for e in seen[1]):
+                        engine.remove(1)
+                        removed_at[1] = step
+                    if 2 not in removed_at and len(_tokens(seen[2])) >= 2:
+                        engine.remove(2)
+                        removed_at[2] = step
+                engine.remove(999)  # unknown ids are ignored
+                return seen, removed_at, engine.busy
+
+            seen, removed_at, busy = runner.call(scenario)
+        finally:
+            runner.close()
+        assert set(removed_at) == {1, 2}, f"could not remove mid-prefill and mid-decode: {removed_at}"
+        assert not _tokens(seen[1]), "a sequence removed during prefill produced tokens"
+        assert not busy, "the engine is busy after every sequence was removed"
+
+    def check_concurrent_sequences_are_isolated(self) -> None:
+        runner = self._engine()
+        prompts = ["The cat sat on the", "Once upon a time there was", "$ ls\n"]
+        try:
+            def scenario(engine: Engine):
+                ids = [engine.tokenize(p) for p in prompts]
+                alone = []
+                for i, toks in enumerate(ids):
+                    engine.add(100 + i, toks, GREEDY, 12)
+                    alone.append(_tokens(_run_all(engine)[100 + i]))
+                for i, toks in enumerate(ids):
+                    engine.add(i, toks, GREEDY, 12)
+                together = _run_all(engine)
+                return alone, [_tokens(together[i]) for i in range(len(ids))]
+
+            alone, together = runner.call(scenario)
+        finally:
+            runner.close()
+        for i, prompt in enumerate(prompts):
+            assert alone[i] == together[i], f"{prompt!r}: alone {alone[i]} != concurrent {together[i]}"
+
+    # ---- kernel level -------------------------------------------------------------------
+
+    def _kernel(self):
+        from ..kernel._catalog import Catalog
+        from ..kernel._kernel import Kernel
+        from ..kernel.runtime import KernelThread
+
+        backend = self.backend
+        status = BackendStatus(backend.name, "conformance kit", backend, backend.availability())
+        return KernelThread(lambda: Kernel(Discovery([status]), Catalog([backend], roots=[]))).start()
+
+    def check_kernel_requests_end_once(self) -> None:
+        from ..kernel import messages as m
+        from ..sdk._connection import Connection
+
+        kernel = self._kernel()
+        try:
+            conn = Connection(kernel)
+            _, inbox = conn.open(lambda i: m.Load(id=i, model=str(self.path)))
+            while not m.is_terminal(loaded := inbox.get(120)):
+                pass
+            assert isinstance(loaded, m.Loaded), loaded
+            model = loaded.info.identifier
+            requests = {
+                "ok": {"maxTokens": 5, "temperature": 0},
+                "stop": {"maxTokens": 30, "temperature": 0, "stopStrings": [" "]},
+                "cancel": {"maxTokens": 500, "temperature": 0},
+                "bad": {"maxTokenz": 5},
+            }
+            inboxes = {}
+            for name, config in requests.items():
+                prompt = "The cat sat on the"
+                inboxes[name] = conn.open(lambda i, c=config, p=prompt: m.Predict(id=i, model=model, prompt=p, config=c))
+            too_long = "x " * (loaded.info.context_length + 16)
+            inboxes["long"] = conn.open(lambda i: m.Predict(id=i, model=model, prompt=too_long, config={}))
+            conn.send(lambda i: m.Cancel(id=i, target=inboxes["cancel"][0]))
+            ends = {}
+            for name, (_, box) in inboxes.items():
+                events = []
+                while not events or not m.is_terminal(events[-1]):
+                    events.append(box.get(120))
+                ends[name] = events[-1]
+                assert box.get_nowait() is None, f"{name}: events after the terminal one"
+            conn.close()
+        finally:
+            kernel.stop()
+        assert isinstance(ends["ok"], m.Finished) and ends["ok"].stats.predicted_tokens_count <= 5, ends["ok"]
+        assert isinstance(ends["stop"], m.Finished), ends["stop"]
+        assert ends["stop"].stats.stop_reason in ("stopStringFound", "eosFound", "maxPredictedTokensReached")
+        assert isinstance(ends["cancel"], m.Finished) and ends["cancel"].stats.stop_reason == "userStopped"
+        assert isinstance(ends["bad"], m.Failed) and ends["bad"].error.kind == "config", ends["bad"]
+        assert isinstance(ends["long"], m.Failed) and ends["long"].error.kind == "prompt_too_long", ends["long"]
