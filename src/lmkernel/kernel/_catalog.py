@@ -77,8 +77,11 @@ def _candidates(root: Path, layout: str) -> Iterable[tuple[str, Path]]:
             if snapshots:
                 yield repo.name.removeprefix("models--").replace("--", "/"), snapshots[-1]
         return
-    for config in sorted(root.glob("*/config.json")) + sorted(root.glob("*/*/config.json")):
-        yield config.parent.relative_to(root).as_posix(), config.parent
+    # LM Studio and most users lay models out as publisher/name/ or name/.
+    for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        yield child.name, child
+        for grandchild in sorted(p for p in child.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            yield f"{child.name}/{grandchild.name}", grandchild
 
 
 class Catalog:

@@ -21,6 +21,8 @@ class StopMatcher:
 
     def feed(self, text: str) -> str:
         """Add ``text``; return the part that is now safe to emit."""
+        if self.stopped:
+            return ""
         if not self._stops:
             return text
         buffer = self._pending + text
