@@ -28,7 +28,7 @@ from .messages import LoadProgress as LoadProgressEvent
 
 log = logging.getLogger("lmkernel.kernel")
 
-_seq_ids = itertools.count(1)
+seq_ids = itertools.count(1)
 
 
 class Peer:
@@ -76,7 +76,7 @@ class ModelActor:
         self._send, self._receive = trio.open_memory_channel[Any](math.inf)
         self._runs: dict[int, _Running] = {}
         self._tokenize: dict[int, tuple[Peer, int]] = {}
-        self._pending: list[tuple[Peer, int, str, LlmPredictionConfig]] = []
+        self._pending: list[w.AddSequence] = []  # predictions that arrived while loading
         self._token = trio.lowlevel.current_trio_token()
         self._idle_since = trio.current_time()
         options = LoadOptions(
@@ -125,17 +125,14 @@ class ModelActor:
 
     def _dispatch(self, item: Any) -> None:
         match item:
-            case ("predict", peer, request_id, prompt, config):
+            case ("predict", peer, request_id, seq_id, prompt, config):
                 self._touch()
-                if self.state == "loading":
-                    self._pending.append((peer, request_id, prompt, config))
-                else:
-                    self._start_prediction(peer, request_id, prompt, config)
+                self._start_prediction(peer, request_id, seq_id, prompt, config)
             case ("cancel", seq_id):
                 self._cancel(seq_id)
             case ("tokenize", peer, request_id, texts):
                 self._touch()
-                key = next(_seq_ids)
+                key = next(seq_ids)
                 self._tokenize[key] = (peer, request_id)
                 self._worker.send(w.TokenizeTexts(key, texts))
             case ("unload", peer, request_id):
@@ -182,8 +179,8 @@ class ModelActor:
                 info = self._backend_error(error, "while loading")
                 for waiter in self.load_waiters:
                     waiter.peer.send(Failed(id=waiter.request_id, error=info))
-                for peer, request_id, _, _ in self._pending:
-                    peer.send(Failed(id=request_id, error=info))
+                for seq_id in list(self._runs):
+                    self._fail(seq_id, info)
                 self.load_waiters.clear()
                 self._pending.clear()
                 self.state = "unloading"
@@ -202,25 +199,31 @@ class ModelActor:
             waiter.peer.send(Loaded(id=waiter.request_id, info=self.info, load_config=self.load_config.to_dict()))
         self.load_waiters.clear()
         pending, self._pending = self._pending, []
-        for args in pending:
-            self._start_prediction(*args)
+        for command in pending:
+            if command.seq_id in self._runs:
+                self._worker.send(command)
 
     # ---- predictions -------------------------------------------------------------------
 
-    def _start_prediction(self, peer: Peer, request_id: int, prompt: str, config: LlmPredictionConfig) -> None:
-        if self.state != "ready":
+    def _start_prediction(
+        self, peer: Peer, request_id: int, seq_id: int, prompt: str, config: LlmPredictionConfig
+    ) -> None:
+        if self.state not in ("loading", "ready"):
+            peer.predictions.pop(request_id, None)
             peer.send(Failed(id=request_id, error=ErrorInfo(
                 kind="model_not_found",
                 message=f"Model {self.info.identifier!r} is being unloaded",
                 model=self.info.identifier,
             )))
             return
-        seq_id = next(_seq_ids)
         sampling = sampling_from_config(config)
         run = PredictionRun(request_id, config, sampling, peer.send, self.info.model_info(), self.load_config)
         self._runs[seq_id] = _Running(peer, run)
-        peer.predictions[request_id] = (self, seq_id)
-        self._worker.send(w.AddSequence(seq_id, prompt, sampling, run.max_tokens))
+        command = w.AddSequence(seq_id, prompt, sampling, run.max_tokens)
+        if self.state == "loading":
+            self._pending.append(command)
+        else:
+            self._worker.send(command)
 
     def _on_steps(self, events: list) -> None:
         for event in events:
@@ -285,8 +288,6 @@ class ModelActor:
         error = ErrorInfo(kind="model_not_found", message=f"Model {self.info.identifier!r} was unloaded")
         for waiter in self.load_waiters:
             waiter.peer.send(Failed(id=waiter.request_id, error=error))
-        for peer_, request_id_, _, _ in self._pending:
-            peer_.send(Failed(id=request_id_, error=error))
         for peer_, request_id_ in self._tokenize.values():
             peer_.send(Failed(id=request_id_, error=error))
         self.load_waiters.clear()

@@ -26,7 +26,7 @@ from ..errors import (
 from ..plugins.contract import Backend
 from ..plugins.discovery import Discovery, discover
 from . import messages as m
-from ._actor import ModelActor, Peer, _Waiter
+from ._actor import ModelActor, Peer, _Waiter, seq_ids
 from ._catalog import Catalog, CatalogEntry
 from .config import (
     KERNEL_LOAD_KEYS,
@@ -181,7 +181,9 @@ class Kernel:
         except LMKernelError as exc:
             peer.send(m.Failed(id=request.id, error=_error(exc, model=actor.info.identifier)))
             return
-        actor.submit(("predict", peer, request.id, request.prompt, config))
+        seq_id = next(seq_ids)
+        peer.predictions[request.id] = (actor, seq_id)  # so a cancel right behind it finds it
+        actor.submit(("predict", peer, request.id, seq_id, request.prompt, config))
 
     @staticmethod
     def _check_supported(config: LlmPredictionConfig, actor: ModelActor) -> None:

@@ -89,7 +89,7 @@ class Inbox:
         """Block until the next event; :class:`LMKernelTimeoutError` after ``timeout`` s."""
         try:
             if timeout is not None and timeout <= 0:
-                return self._queue.get_nowait()
+                raise queue.Empty  # a zero timeout never waits for the kernel
             return self._queue.get(timeout=timeout)
         except queue.Empty:
             raise LMKernelTimeoutError(
