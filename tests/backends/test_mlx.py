@@ -1,0 +1,130 @@
+"""The MLX backend against mlx-lm itself, on a real (tiny) model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+PROMPTS = [
+    "The cat sat on the",
+    "Once upon a time there was a king and a queen who lived by the river",
+    # Longer than one prefill chunk (512 tokens), so chunked prefill is exercised.
+    " ".join(["the dog ran home and the cat sat on the mat"] * 70),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_path):
+    """Greedy tokens and text straight from ``mlx_lm.stream_generate``, in a fresh process."""
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        from lmkernel.backends.mlx import _blas
+        _blas.preload()
+        import mlx.core as mx
+        from mlx_lm import load, stream_generate
+        model, tok = load({str(tiny_path)!r})
+        model.set_dtype(mx.float32)
+        out = []
+        for prompt in json.loads(sys.argv[1]):
+            rs = list(stream_generate(model, tok, prompt, max_tokens=40, prefill_step_size=512))
+            out.append({{"tokens": [r.token for r in rs if r.finish_reason != "stop"],
+                         "text": "".join(r.text for r in rs), "reason": rs[-1].finish_reason}})
+        print(json.dumps(out))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(PROMPTS)], capture_output=True, text=True,
+                          check=True, timeout=300)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("index", range(len(PROMPTS)))
+def test_greedy_tokens_equal_mlx_lm_stream_generate(tiny_model, reference, index):
+    ref = reference[index]
+    result = tiny_model.complete(PROMPTS[index], config={"maxTokens": 40, "temperature": 0})
+    assert result.content == ref["text"]
+    assert result.stats.predicted_tokens_count == len(ref["tokens"])
+    expected = "maxPredictedTokensReached" if ref["reason"] == "length" else "eosFound"
+    assert result.stats.stop_reason == expected
+
+
+def test_token_ids_equal_mlx_lm(tiny_path, reference):
+    """Compare ids, not only text: drive the engine through the conformance runner's thread."""
+    from lmkernel.backends.mlx import backend
+    from lmkernel.plugins import LoadOptions, Sampling
+    from lmkernel.plugins.conformance import _EngineThread, _run_all, _tokens
+
+    runner = _EngineThread(backend, tiny_path, LoadOptions())
+    try:
+        def scenario(engine):
+            for i, prompt in enumerate(PROMPTS):
+                engine.add(i, engine.tokenize(prompt), Sampling(temperature=0), 40)
+            return _run_all(engine)
+
+        events = runner.call(scenario)
+    finally:
+        runner.close()
+    for i in range(len(PROMPTS)):
+        assert _tokens(events[i]) == reference[i]["tokens"]
+
+
+def test_prompt_progress_reports_each_prefill_chunk(tiny_model):
+    progress: list[float] = []
+    prompt = PROMPTS[2]
+    n = tiny_model.count_tokens(prompt)
+    tiny_model.complete(prompt, config={"maxTokens": 1}, on_prompt_processing_progress=progress.append)
+    # 512-token chunks over the first n-1 tokens, then the last token with the first decode step.
+    chunks = [min(k, n - 1) / n for k in range(512, n - 1, 512)]
+    assert progress == [0.0, *chunks, 1.0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS swap is for Linux CPUs")
+def test_linux_cpu_uses_the_fast_blas_when_present(tiny_path):
+    from lmkernel.backends.mlx import _blas
+
+    code = textwrap.dedent(
+        f"""
+        import json, lmkernel as lms
+        lms.llm({str(tiny_path)!r}).complete("x", config={{"maxTokens": 1}})
+        import mlx.core as mx
+        from lmkernel.backends.mlx import _blas
+        print(json.dumps([str(mx.default_device()), _blas._loaded]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    device, loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "cpu" in device
+    assert loaded == _blas.find()
+
+
+def test_engine_weights_are_float32_on_cpu(tiny_path):
+    from lmkernel.backends.mlx import backend
+    from lmkernel.plugins import LoadOptions
+    from lmkernel.plugins.conformance import _EngineThread
+
+    runner = _EngineThread(backend, tiny_path, LoadOptions())
+    try:
+        dtypes = runner.call(lambda e: {str(v.dtype) for _, v in __import__("mlx.utils", fromlist=["x"]).tree_flatten(e.model.parameters())})
+    finally:
+        runner.close()
+    assert dtypes == {"mlx.core.float32"}
+
+
+def test_describe_rejects_other_formats(tmp_path, tiny_path):
+    from lmkernel.backends.mlx import backend
+
+    assert backend.describe(tmp_path) is None
+    exl2 = tmp_path / "exl2"
+    exl2.mkdir()
+    for f in tiny_path.iterdir():
+        (exl2 / f.name).write_bytes(f.read_bytes())
+    config = (exl2 / "config.json").read_text().replace('"model_type"', '"quantization_config": {"quant_method": "exl2"}, "model_type"')
+    (exl2 / "config.json").write_text(config)
+    assert backend.describe(exl2) is None
+    desc = backend.describe(tiny_path)
+    assert desc.architecture == "llama" and desc.max_context_length == 4096 and desc.params_string == "915K"
