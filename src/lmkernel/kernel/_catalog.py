@@ -115,7 +115,11 @@ class Catalog:
         """Find the model ``key`` names; raise a not-found error listing what exists."""
         path = Path(key).expanduser()
         if path.is_dir():
-            entry = self.describe(path.name, path.resolve())
+            path = path.resolve()
+            known = next((e for e in self.entries() if e.path.resolve() == path), None)
+            if known is not None:  # a folder in the model folders keeps its key
+                return known
+            entry = self.describe(path.name, path)
             if entry is None:
                 raise LMKernelModelNotFoundError(
                     f"No backend can load the folder {str(path)!r}: "

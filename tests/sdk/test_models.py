@@ -1,0 +1,97 @@
+"""Model keys, the default model, listing, loading and unloading through the public API."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+
+import lmkernel as lms
+
+from ..conftest import TINY, TINY_CTX64
+
+
+def test_llm_without_key_loads_the_default_then_returns_the_first_loaded(fresh_kernel):
+    model = lms.llm()
+    assert model.identifier == TINY  # first model in the model folders
+    other = lms.llm(TINY_CTX64)
+    assert lms.llm().identifier == TINY and other.identifier == TINY_CTX64
+    assert [m.identifier for m in lms.list_loaded_models()] == [TINY, TINY_CTX64]
+
+
+def test_keys_paths_and_bare_names_resolve(fresh_kernel, tiny_path):
+    assert lms.llm(str(tiny_path)).identifier == TINY  # a folder in the model folders keeps its key
+    assert lms.llm("tiny-ctx64").identifier == TINY_CTX64  # unique bare name
+    assert lms.llm(TINY).identifier == TINY
+
+
+def test_a_folder_outside_the_model_folders_is_named_after_it(fresh_kernel, tiny_path, tmp_path):
+    copy = shutil.copytree(tiny_path, tmp_path / "my-model")
+    assert lms.llm(str(copy)).identifier == "my-model"
+    with pytest.raises(lms.LMStudioModelNotFoundError, match="No backend can load the folder"):
+        lms.llm(str(tmp_path))
+
+
+def test_unknown_key_lists_what_is_available(fresh_kernel):
+    with pytest.raises(lms.LMStudioModelNotFoundError) as info:
+        lms.llm("aa/tinny")
+    message = str(info.value)
+    assert message.startswith("No model matches the key 'aa/tinny'. Did you mean 'aa/tiny'? Available: aa/tiny, aa/tiny-ctx64")
+
+
+def test_concurrent_loads_are_deduplicated(fresh_kernel):
+    handles = []
+    threads = [threading.Thread(target=lambda: handles.append(lms.Client().llm.model(TINY))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {h.identifier for h in handles} == {TINY}
+    assert [m.identifier for m in lms.list_loaded_models()] == [TINY]
+
+
+def test_load_new_instance_and_unload(fresh_kernel):
+    progress: list[float] = []
+    with lms.Client() as client:
+        first = client.llm.model(TINY)
+        second = client.llm.load_new_instance(TINY, on_load_progress=progress.append)
+        assert second.identifier == f"{TINY}:2"
+        assert progress[0] == 0.0 and progress[-1] == 1.0 and progress == sorted(set(progress))
+        with pytest.raises(lms.LMStudioValueError, match="identifier 'aa/tiny' already exists"):
+            client.llm.load_new_instance(TINY, TINY)
+        assert [m.identifier for m in client.llm.list_loaded()] == [TINY, f"{TINY}:2"]
+        second.unload()
+        assert client.llm.list_loaded() == [first]
+        with pytest.raises(lms.LMStudioModelNotFoundError):
+            second.complete("x")
+
+
+def test_list_downloaded_models(fresh_kernel):
+    downloaded = lms.list_downloaded_models()
+    assert [d.model_key for d in downloaded] == [TINY, TINY_CTX64]
+    assert lms.list_downloaded_models("embedding") == []
+    with pytest.raises(lms.LMStudioValueError, match="Unknown model namespace: 'x'"):
+        lms.list_downloaded_models("x")
+    tiny = downloaded[0]
+    assert tiny.info.architecture == "llama" and tiny.info.format == "safetensors"
+    assert tiny.model().identifier == TINY
+
+
+def test_builtin_tiny_model_is_the_last_resort(fresh_kernel, monkeypatch, tmp_path):
+    monkeypatch.setenv("LMKERNEL_MODELS", str(tmp_path / "empty"))
+    monkeypatch.setenv("LMKERNEL_CACHE", str(tmp_path / "cache"))
+    model = lms.llm()
+    assert model.identifier == "lmkernel/tiny-random-llama"
+    assert (tmp_path / "cache" / "models" / "lmkernel" / "tiny-random-llama" / "config.json").exists()
+    assert model.complete("The cat", config={"maxTokens": 3}).stats.predicted_tokens_count <= 3
+    model.unload()
+    shutil.rmtree(tmp_path / "cache")
+
+
+def test_configure_default_client(fresh_kernel):
+    lms.get_default_client()
+    with pytest.raises(lms.LMStudioClientError, match="already created"):
+        lms.configure_default_client("localhost:1234")
+    with pytest.raises(lms.LMStudioClientError, match="runs models in-process only"):
+        lms.Client("localhost:1234")
