@@ -167,7 +167,7 @@ class LMKernelCancelledError(LMKernelClientError):
 
 
 @_public
-class LMKernelConnectionError(LMKernelClientError):
+class LMKernelConnectionError(LMKernelClientError, ConnectionError):
     """The connection to the kernel failed (alias: ``LMStudioWebsocketError``)."""
 
 

@@ -1,0 +1,48 @@
+"""The ``lmkernel`` command, run as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from .conftest import TINY
+
+
+def lmkernel(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmkernel", *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, **kw))
+
+
+def test_complete_streams_text_and_prints_stats():
+    done = lmkernel("complete", "The cat in the", "--model", TINY, "--max-tokens", "12", "--temperature", "0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    assert "loading model: 100%" in done.stderr and "processing prompt: 100%" in done.stderr
+    assert f"model: {TINY} | stop reason:" in done.stderr and "tokens/s" in done.stderr
+    import lmkernel as lms
+
+    expected = lms.llm(TINY).complete("The cat in the", config={"maxTokens": 12, "temperature": 0}).content
+    assert done.stdout == expected + "\n"
+
+
+def test_complete_with_stop_string():
+    done = lmkernel("complete", "The cat in the", "--model", TINY, "--max-tokens", "40", "--stop", " ")
+    assert done.returncode == 0, done.stderr
+    assert " " not in done.stdout.strip()
+
+
+def test_errors_are_one_clear_line():
+    done = lmkernel("complete", "x", "--model", "nope")
+    assert done.returncode == 1
+    assert done.stderr.startswith("lmkernel: error: No model matches the key 'nope'.")
+
+
+def test_models_and_backends():
+    models = lmkernel("models")
+    assert models.returncode == 0 and TINY in models.stdout and "lmkernel/tiny-random-llama" in models.stdout
+    backends = lmkernel("backends")
+    assert backends.returncode == 0 and backends.stdout.startswith("mlx")
+    assert "available" in backends.stdout
+    none = lmkernel("backends", LMKERNEL_BACKENDS="nothing")
+    assert "No backends registered" in none.stdout
