@@ -10,6 +10,7 @@ a model can honour is decided later, against its backend (:func:`unsupported_key
 from __future__ import annotations
 
 import difflib
+import functools
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -150,8 +151,14 @@ _LOAD_RULES: dict[str, _Rule] = {
 }
 
 
+@functools.cache
 def _fields(struct: type[msgspec.Struct]) -> dict[str, msgspec.inspect.Field]:
     return {f.encode_name: f for f in msgspec.inspect.type_info(struct).fields}
+
+
+@functools.cache
+def _hints(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    return typing.get_type_hints(struct)
 
 
 def _type_name(field: msgspec.inspect.Field) -> str:
@@ -207,7 +214,7 @@ def _parse(
             f"{what} must be a dict or {struct.__name__}, got {type(config).__name__}: {config!r}"
         )
     fields = _fields(struct)
-    hints = typing.get_type_hints(struct)
+    hints = _hints(struct)
     values: dict[str, Any] = {}
     for key, value in config.items():
         camel = _canonical_key(key, what, fields)
