@@ -78,9 +78,9 @@ def fresh_kernel():
     clean()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_model():
-    """A sync handle on the tiny model in the process kernel."""
+    """A sync handle on the tiny model in the process kernel (loaded if it is not)."""
     import lmkernel as lms
 
     return lms.llm(TINY)
