@@ -128,3 +128,22 @@ def test_describe_rejects_other_formats(tmp_path, tiny_path):
     assert backend.describe(exl2) is None
     desc = backend.describe(tiny_path)
     assert desc.architecture == "llama" and desc.max_context_length == 4096 and desc.params_string == "915K"
+
+
+def test_processes_that_generated_exit_cleanly(tiny_path):
+    """Engine threads release their MLX streams: no abort at interpreter exit."""
+    code = textwrap.dedent(
+        f"""
+        import lmkernel as lms
+        model = lms.llm({str(tiny_path)!r})
+        stream = model.complete_stream("The cat", config={{"maxTokens": 50}})
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        print(model.complete("The cat", config={{"maxTokens": 5}}).stats.stop_reason)
+        """
+    )
+    for _ in range(4):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+        assert "terminate called" not in done.stderr

@@ -246,7 +246,19 @@ class Kernel:
         self._actors.append(actor)
         self._join(actor, peer, request.id)
         assert self._nursery is not None
-        await self._nursery.start(actor.run)
+        await self._nursery.start(self._supervise, actor)
+
+    async def _supervise(self, actor: ModelActor, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run an actor; if it crashes (a bug), unload it and keep the kernel serving."""
+        try:
+            await actor.run(task_status=task_status)
+        except Exception:
+            log.exception("model actor %s crashed; unloading it", actor.info.identifier)
+            try:
+                actor.unload()
+            except Exception:
+                log.exception("unloading crashed actor %s failed", actor.info.identifier)
+            self._gone(actor)
 
     def _join(self, actor: ModelActor, peer: Peer, request_id: int) -> None:
         waiter = _Waiter(peer, request_id)
