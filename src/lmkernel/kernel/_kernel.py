@@ -115,28 +115,24 @@ class Kernel:
             case m.Load():
                 self._spawn(self._load, peer, request)
             case m.Unload(model=key):
-                actor = self._find(key)
-                if actor is None:
-                    self._not_found(peer, request.id, key)
-                else:
-                    actor.submit(("unload", peer, request.id))
+                self._route(peer, request.id, key, "unload")
             case m.Tokenize(model=key, texts=texts):
-                actor = self._find(key)
-                if actor is None:
-                    self._not_found(peer, request.id, key)
-                else:
-                    actor.submit(("tokenize", peer, request.id, texts))
+                self._route(peer, request.id, key, "tokenize", texts)
             case m.GetInfo(model=key):
-                actor = self._find(key)
-                if actor is None:
-                    self._not_found(peer, request.id, key)
-                else:
-                    actor.submit(("info", peer, request.id))
+                self._route(peer, request.id, key, "info")
             case m.ListLoaded():
                 infos = [a.info for a in self._actors if a.state == "ready"]
                 peer.send(m.LoadedList(id=request.id, models=infos))
             case m.ListDownloaded():
                 self._spawn(self._list_downloaded, peer, request)
+
+    def _route(self, peer: Peer, request_id: int, key: str, op: str, *args: object) -> None:
+        """Hand a request to the actor of model ``key``, or answer that there is none."""
+        actor = self._find(key)
+        if actor is None:
+            self._not_found(peer, request_id, key)
+        else:
+            actor.submit((op, peer, request_id, *args))
 
     def _spawn(self, fn, peer: Peer, request: m.Request) -> None:
         assert self._nursery is not None, "the kernel is not serving"
