@@ -79,7 +79,8 @@ def test_prompt_progress_reports_each_prefill_chunk(tiny_model):
     n = tiny_model.count_tokens(prompt)
     tiny_model.complete(prompt, config={"maxTokens": 1}, on_prompt_processing_progress=progress.append)
     # 512-token chunks over the first n-1 tokens, then the last token with the first decode step.
-    chunks = [min(k, n - 1) / n for k in range(512, n - 1, 512)]
+    chunks = [min(k, n - 1) / n for k in range(512, n - 1 + 512, 512)]
+    assert len(chunks) == 2
     assert progress == [0.0, *chunks, 1.0]
 
 

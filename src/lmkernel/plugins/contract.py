@@ -68,6 +68,7 @@ class LoadOptions:
     """Load settings already validated by the kernel.
 
     ``context_length`` is the context the kernel will enforce (``None``: the model's own);
+    ``max_batch`` the most sequences the kernel will run at once (``maxConcurrentPredictions``);
     ``extra`` holds the other load-config keys (camelCase) the backend declared in
     :attr:`Backend.load_keys`.
     """
@@ -75,6 +76,7 @@ class LoadOptions:
     context_length: int | None = None
     seed: int | None = None
     eval_batch_size: int | None = None
+    max_batch: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
