@@ -148,3 +148,39 @@ def test_processes_that_generated_exit_cleanly(tiny_path):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
         assert "terminate called" not in done.stderr
+
+
+def test_a_newcomer_prefills_one_chunk_per_step_while_others_decode(tiny_path):
+    """Every engine step decodes one token for each running stream and reads at most one
+    prefill chunk of a newcomer's prompt: decoding never waits for a whole prompt."""
+    from lmkernel.backends.mlx import backend
+    from lmkernel.plugins import LoadOptions, PromptProgress, Sampling, Token
+    from lmkernel.plugins.conformance import _EngineThread
+
+    runner = _EngineThread(backend, tiny_path, LoadOptions(eval_batch_size=64))
+    try:
+        def scenario(engine):
+            engine.add(1, engine.tokenize("The cat sat on the"), Sampling(temperature=0), 200)
+            while not any(isinstance(e, Token) for e in engine.step()):
+                pass
+            long = engine.tokenize("the dog ran home " * 60)
+            engine.add(2, long, Sampling(temperature=0), 5)
+            steps, last = [], 0
+            while True:
+                events = engine.step()
+                progress = [e.processed for e in events if isinstance(e, PromptProgress) and e.seq_id == 2]
+                tokens_1 = [e for e in events if isinstance(e, Token) and e.seq_id == 1]
+                steps.append((progress, len(tokens_1)))
+                if any(isinstance(e, Token) and e.seq_id == 2 for e in events):
+                    return len(long), steps
+
+        n, steps = runner.call(scenario)
+    finally:
+        runner.close()
+    done = 0
+    for progress, decoded in steps:
+        assert decoded == 1, steps  # stream 1 got its token in every step
+        for processed in progress:
+            assert processed - done <= 64, (processed, done)
+            done = max(done, processed)
+    assert done == n and len(steps) >= n // 64

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import trio
 from ..plugins.contract import Backend, LoadOptions, PromptProgress, SequenceEnd, Token
 from . import _worker as w
 from ._prediction import PredictionRun, sampling_from_config
-from .config import LlmLoadModelConfig, LlmPredictionConfig
+from .config import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, LlmLoadModelConfig, LlmPredictionConfig
 from .messages import Done, ErrorInfo, Event, Failed, InstanceInfo, LlmInstanceInfo, Loaded, TokenLists
 from .messages import LoadProgress as LoadProgressEvent
 
@@ -76,13 +77,20 @@ class ModelActor:
         self._send, self._receive = trio.open_memory_channel[Any](math.inf)
         self._runs: dict[int, _Running] = {}
         self._tokenize: dict[int, tuple[Peer, int]] = {}
-        self._pending: list[w.AddSequence] = []  # predictions that arrived while loading
+        self._running: set[int] = set()  # sequences handed to the engine
+        self._waiting: deque[w.AddSequence] = deque()  # FIFO: loading, or the batch is full
+        self.max_concurrent = self.load_config.max_concurrent_predictions or DEFAULT_MAX_CONCURRENT
+        self.max_queued = (
+            DEFAULT_MAX_QUEUED if self.load_config.max_queued_predictions is None
+            else self.load_config.max_queued_predictions
+        )
         self._token = trio.lowlevel.current_trio_token()
         self._idle_since = trio.current_time()
         options = LoadOptions(
             context_length=self.load_config.context_length,
             seed=self.load_config.seed,
             eval_batch_size=self.load_config.eval_batch_size,
+            max_batch=self.max_concurrent,
             extra={k: v for k, v in self.load_config.to_dict().items() if k in self.backend.load_keys},
         )
         self._worker = w.EngineWorker(self.backend, self.path, options, self._post, self.info.identifier)
@@ -193,7 +201,7 @@ class ModelActor:
                 for seq_id in list(self._runs):
                     self._fail(seq_id, info)
                 self.load_waiters.clear()
-                self._pending.clear()
+                self._waiting.clear()
                 self.state = "unloading"
             case w.Exited():
                 self.state = "gone"
@@ -209,10 +217,7 @@ class ModelActor:
             waiter.progress(1.0)
             waiter.peer.send(Loaded(id=waiter.request_id, info=self.info, load_config=self.load_config.to_dict()))
         self.load_waiters.clear()
-        pending, self._pending = self._pending, []
-        for command in pending:
-            if command.seq_id in self._runs:
-                self._worker.send(command)
+        self._admit()
 
     # ---- predictions -------------------------------------------------------------------
 
@@ -227,14 +232,34 @@ class ModelActor:
                 model=self.info.identifier,
             )))
             return
+        if len(self._waiting) >= self.max_queued and not self._has_room():
+            peer.predictions.pop(request_id, None)
+            peer.send(Failed(id=request_id, error=ErrorInfo(
+                kind="queue_full",
+                message=(
+                    f"Model {self.info.identifier!r} has {len(self._running)} predictions running and "
+                    f"{len(self._waiting)} waiting, its queue limit (maxQueuedPredictions="
+                    f"{self.max_queued}); retry later, or load it with a larger maxQueuedPredictions"
+                ),
+                model=self.info.identifier,
+            )))
+            return
         sampling = sampling_from_config(config)
         run = PredictionRun(request_id, config, sampling, peer.send, self.info.model_info(), self.load_config)
         self._runs[seq_id] = _Running(peer, run)
-        command = w.AddSequence(seq_id, prompt, sampling, run.max_tokens)
-        if self.state == "loading":
-            self._pending.append(command)
-        else:
-            self._worker.send(command)
+        self._waiting.append(w.AddSequence(seq_id, prompt, sampling, run.max_tokens))
+        self._admit()
+
+    def _has_room(self) -> bool:
+        return self.state == "ready" and len(self._running) < self.max_concurrent
+
+    def _admit(self) -> None:
+        """Hand waiting predictions to the engine, oldest first, while the batch has room."""
+        while self._waiting and self._has_room():
+            command = self._waiting.popleft()
+            if command.seq_id in self._runs:
+                self._running.add(command.seq_id)
+                self._worker.send(command)
 
     def _on_steps(self, events: list) -> None:
         for event in events:
@@ -269,6 +294,11 @@ class ModelActor:
     def _forget(self, seq_id: int) -> None:
         running = self._runs.pop(seq_id)
         running.peer.predictions.pop(running.run.id, None)
+        if seq_id in self._running:
+            self._running.discard(seq_id)
+        else:  # it never left the queue
+            self._waiting = deque(c for c in self._waiting if c.seq_id != seq_id)
+        self._admit()
         self._touch()
 
     def _backend_error(self, error: BaseException, doing: str) -> ErrorInfo:
@@ -302,6 +332,6 @@ class ModelActor:
         for peer_, request_id_ in self._tokenize.values():
             peer_.send(Failed(id=request_id_, error=error))
         self.load_waiters.clear()
-        self._pending.clear()
+        self._waiting.clear()
         self._tokenize.clear()
         self._worker.send(w.Shutdown())

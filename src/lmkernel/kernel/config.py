@@ -72,8 +72,10 @@ class LlmPredictionConfig(PublicStruct):
 class LlmLoadModelConfig(PublicStruct):
     """Load-time settings (``config=`` of ``llm()``, ``model()``, ``load_new_instance()``).
 
-    ``backend`` is lmkernel's own addition: the name of the backend to load with,
-    overriding the automatic choice.
+    lmkernel's own additions: ``backend``, the backend to load with (overriding the
+    automatic choice); ``max_concurrent_predictions``, how many predictions run together
+    in one batch (default 16); ``max_queued_predictions``, how many more may wait for a
+    place before new ones are refused (default 256).
     """
 
     gpu: dict[str, Any] | None = None
@@ -92,11 +94,16 @@ class LlmLoadModelConfig(PublicStruct):
     llama_k_cache_quantization_type: str | bool | None = None
     llama_v_cache_quantization_type: str | bool | None = None
     backend: str | None = None
+    max_concurrent_predictions: int | None = None
+    max_queued_predictions: int | None = None
 
+
+DEFAULT_MAX_CONCURRENT = 16
+DEFAULT_MAX_QUEUED = 256
 
 # What the kernel itself implements, for every backend (the rest is the backend's job).
 KERNEL_PREDICTION_KEYS = frozenset({"maxTokens", "stopStrings", "contextOverflowPolicy"})
-KERNEL_LOAD_KEYS = frozenset({"contextLength", "backend"})
+KERNEL_LOAD_KEYS = frozenset({"contextLength", "backend", "maxConcurrentPredictions", "maxQueuedPredictions"})
 
 # Spellings from other APIs that users reach for, mapped to ours.
 _ALIASES = {
@@ -148,6 +155,8 @@ _LOAD_RULES: dict[str, _Rule] = {
     "contextLength": ("an integer >= 1", lambda v: v >= 1),
     "evalBatchSize": ("an integer >= 1", lambda v: v >= 1),
     "numExperts": ("an integer >= 1", lambda v: v >= 1),
+    "maxConcurrentPredictions": ("an integer >= 1", lambda v: v >= 1),
+    "maxQueuedPredictions": ("an integer >= 0", lambda v: v >= 0),
 }
 
 
