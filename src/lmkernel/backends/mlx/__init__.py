@@ -81,7 +81,7 @@ class MLXBackend(Backend):
         if sys.platform.startswith("linux") and not _has_distribution("mlx-cpu", "mlx-cuda"):
             return Availability(False, "mlx is installed without a Linux back-end (pip install 'mlx[cpu]')")
         device = "Metal" if sys.platform == "darwin" else "CPU, float32"
-        return Availability(True, notes=f"{device}; BLAS: {_blas.describe()}; one sequence per step, round-robin")
+        return Availability(True, notes=f"{device}; BLAS: {_blas.describe()}; continuous batching (mlx-lm BatchGenerator)")
 
     def describe(self, path: Path) -> ModelDescription | None:
         config_file = path / "config.json"
