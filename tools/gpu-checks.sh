@@ -9,6 +9,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+for gz in .ext/*.so.gz; do [ -e "$gz" ] && gunzip -kf "$gz"; done
 if ls .ext/exllamav2_ext*.so >/dev/null 2>&1; then
     export PYTHONPATH=$PWD/.ext:$PYTHONPATH
 fi
@@ -21,9 +22,11 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 start=$(date +%s)
 python3 -c "import exllamav2, exllamav2.ext as e; print('exllamav2', exllamav2.__version__, 'jit', e.build_jit)" 2>&1 | tail -3
 echo "import took $(( $(date +%s) - start )) s"
-find /tmp/torch_ext -name 'exllamav2_ext*.so' -exec cp {} "$OUT"/ \; 2>/dev/null
+# Bring the built extension back (gzipped: files from the box are limited in size).
+find /tmp/torch_ext -name 'exllamav2_ext*.so' -exec sh -c 'gzip -9c "$1" > "$2/$(basename "$1").gz"' _ {} "$OUT" \; 2>/dev/null
 case "${1:-tests}" in
-    tests) python3 -m pytest -m cuda tests/backends/test_exllamav2.py -v -p no:cacheprovider -o filterwarnings=default 2>&1 | tee "$OUT/cuda-tests.log" ;;
+    tests) shift; python3 -m pytest -m cuda tests/backends/test_exllamav2.py -v -p no:cacheprovider -o filterwarnings=default "$@" 2>&1 | tee "$OUT/cuda-tests.log" ;;
     bench) shift; python3 benchmarks/exllamav2.py "$@" 2>&1 | tee -a "$OUT/bench.log" ;;
     lmkernel) shift; python3 -m lmkernel "$@" ;;
+    python) shift; python3 "$@" ;;
 esac
