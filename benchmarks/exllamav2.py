@@ -18,9 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+# This file is named like the library: keep its folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 os.environ.setdefault("LMKERNEL_NO_DEFAULT_FOLDERS", "1")
 

@@ -113,23 +113,23 @@ def test_a_model_both_backends_accept_goes_to_the_one_that_can_run(fresh_kernel,
 # ---- on a GPU ------------------------------------------------------------------------------
 
 
-def torch_reference_logits(path, ids: list[int]):
-    """Next-token logits from a plain PyTorch Llama forward pass (no cache), fp32 from the weights."""
+def torch_reference_logits(path, ids: list[int], dtype: str = "float32"):
+    """Next-token logits from a plain PyTorch Llama forward pass (no cache) on the same weights."""
     import torch
     from safetensors.torch import load_file
 
     cfg = json.loads((path / "config.json").read_text())
-    w = {k: v.float().cuda() for k, v in load_file(str(path / "model.safetensors")).items()}
+    w = {k: v.to(getattr(torch, dtype)).cuda() for k, v in load_file(str(path / "model.safetensors")).items()}
     H, NH, NKV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     HD, eps, theta = H // NH, cfg["rms_norm_eps"], cfg["rope_theta"]
 
     def rms(x, weight):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
     def rope(x, pos):
         inv = 1.0 / (theta ** (torch.arange(0, HD, 2, device=x.device).float() / HD))
         freqs = torch.outer(pos.float(), inv)
-        cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+        cos, sin = torch.cat([freqs, freqs], -1).cos().to(x.dtype), torch.cat([freqs, freqs], -1).sin().to(x.dtype)
         half = x.shape[-1] // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
@@ -145,25 +145,29 @@ def torch_reference_logits(path, ids: list[int]):
         v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, NKV, HD).transpose(0, 1)
         q, k = rope(q, pos), rope(k, pos)
         k, v = k.repeat_interleave(NH // NKV, 0), v.repeat_interleave(NH // NKV, 0)
-        att = torch.softmax(q @ k.transpose(-1, -2) / HD**0.5 + mask, -1) @ v
+        att = torch.softmax((q @ k.transpose(-1, -2)).float() / HD**0.5 + mask, -1).to(x.dtype) @ v
         x = x + att.transpose(0, 1).reshape(T, H) @ w[p + "self_attn.o_proj.weight"].T
         h = rms(x, w[p + "post_attention_layernorm.weight"])
         gate = torch.nn.functional.silu(h @ w[p + "mlp.gate_proj.weight"].T)
         x = x + (gate * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
-    return rms(x[-1], w["model.norm.weight"]) @ w["lm_head.weight"].T
+    return (rms(x[-1], w["model.norm.weight"]) @ w["lm_head.weight"].T).float()
 
 
-# ExLlamaV2 computes in FP16 with its own kernels; on these random weights its logits differ
-# from an FP32 reference by up to ~0.08 (its own cached and uncached forward passes differ by
-# as much). A greedy token is right when it is the reference's argmax, or within this much of it.
-FP16_LOGIT_TOLERANCE = 0.15
+# ExLlamaV2 0.3.2 (measured on an H100, torch 2.11, no flash-attn) does not compute exactly
+# the model's math: on these random weights its cached decode step and its own uncached forward
+# pass disagree by up to ~0.08 in the logits, and its greedy tokens are the argmax of an FP32
+# (or FP16) PyTorch reference at about 70 % of steps, the rest within 0.26 of it. So against the
+# reference we check a bound that any gross error (wrong weights, tokenizer, positions, sampler)
+# breaks by far; exact equality is checked against the raw generator, which is what lmkernel drives.
+REFERENCE_MIN_AGREEMENT = 0.6
+REFERENCE_MAX_GAP = 0.5
 
 
-def reference_gaps(path, prompt_ids: list[int], tokens: list[int]) -> list[float]:
+def reference_gaps(path, prompt_ids: list[int], tokens: list[int], dtype: str = "float32") -> list[float]:
     """Teacher-forced: for each generated token, how far below the reference's best logit it is."""
     gaps = []
     for t, token in enumerate(tokens):
-        logits = torch_reference_logits(path, prompt_ids + tokens[:t])
+        logits = torch_reference_logits(path, prompt_ids + tokens[:t], dtype)
         gaps.append(float(logits.max() - logits[token]))
     return gaps
 
@@ -219,11 +223,11 @@ def test_cuda_greedy_equals_raw_generator_and_pytorch_reference(fp16_path):
         ours = _tokens(events[i])
         assert ours == raw[i], (PROMPTS[i], ours, raw[i])  # lmkernel adds nothing, loses nothing
         gaps = reference_gaps(fp16_path, ids[i], ours)
-        assert max(gaps) <= FP16_LOGIT_TOLERANCE, (PROMPTS[i], ours, gaps)
+        assert max(gaps) <= REFERENCE_MAX_GAP, (PROMPTS[i], ours, gaps)
         exact += sum(g == 0.0 for g in gaps)
         total += len(gaps)
     print(f"greedy tokens that are the FP32 reference's argmax: {exact}/{total}")
-    assert exact >= total // 2
+    assert exact >= REFERENCE_MIN_AGREEMENT * total
 
 
 @pytest.mark.cuda
