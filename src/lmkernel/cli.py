@@ -1,4 +1,4 @@
-"""The ``lmkernel`` command: ``complete``, ``models``, ``backends``.
+"""The ``lmkernel`` command: ``complete``, ``serve``, ``models``, ``backends``.
 
 ``lmkernel complete "The cat in the"`` streams the completion to stdout and writes the
 stats to stderr, with progress bars (model load, prompt processing) on stderr.
@@ -108,6 +108,27 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    import trio
+
+    from .kernel.serve import ServeConfig, serve
+
+    api_key = args.api_key or os.environ.get("LMKERNEL_API_KEY") or None
+    config = ServeConfig(host=args.host, port=args.port, models=args.model, api_key=api_key,
+                         allow_remote=args.allow_remote)
+    if not api_key and not args.allow_remote and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"lmkernel serve: listening on {args.host} without --api-key: connections from other hosts "
+              "are refused (use --api-key, or --allow-remote to accept them)", file=sys.stderr)
+
+    def report(line: str) -> None:
+        print(line, flush=True)
+
+    trio.run(lambda: serve(config, report=report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmkernel", description="Run local language models in-process.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--context-length", type=int, default=None)
     complete.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     complete.set_defaults(run=_complete)
+
+    serve = sub.add_parser("serve", help="serve the kernel to other processes (native protocol and OpenAI API)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=1235, help="TCP port (0: any free port)")
+    serve.add_argument("--model", action="append", default=[], help="model to load at start (repeatable)")
+    serve.add_argument("--api-key", default=None, help="require this token (default: LMKERNEL_API_KEY)")
+    serve.add_argument("--allow-remote", action="store_true",
+                       help="accept connections from other hosts without an API key")
+    serve.set_defaults(run=_serve)
 
     sub.add_parser("models", help="list the models found on this machine").set_defaults(run=_models)
     sub.add_parser("backends", help="list backends and whether they can run here").set_defaults(run=_backends)

@@ -202,7 +202,7 @@ def _rss_mb() -> float:
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
-def test_no_leak_after_1000_start_cancel_cycles(tiny_model):
+def test_no_leak_after_1000_start_cancel_cycles(tiny_model, transport):
     from lmkernel.kernel.runtime import default_kernel
 
     def cycle(i: int) -> None:
@@ -221,7 +221,8 @@ def test_no_leak_after_1000_start_cancel_cycles(tiny_model):
     threads, rss = threading.active_count(), _rss_mb()
     for i in range(1000):
         cycle(i)
-    assert threading.active_count() == threads
+    assert threading.active_count() <= threads
     assert _rss_mb() - rss < 40, (rss, _rss_mb())
-    actors = default_kernel().kernel._actors
-    assert all(not a._runs and not a._running and not a._waiting for a in actors)
+    if transport == "in-process":
+        actors = default_kernel().kernel._actors
+        assert all(not a._runs and not a._running and not a._waiting for a in actors)

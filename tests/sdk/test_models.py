@@ -78,7 +78,9 @@ def test_list_downloaded_models(fresh_kernel):
     assert tiny.model().identifier == TINY
 
 
-def test_builtin_tiny_model_is_the_last_resort(fresh_kernel, monkeypatch, tmp_path):
+def test_builtin_tiny_model_is_the_last_resort(fresh_kernel, monkeypatch, tmp_path, transport):
+    if transport == "server":
+        pytest.skip("changes the model folders of this process, not of the server's")
     monkeypatch.setenv("LMKERNEL_MODELS", str(tmp_path / "empty"))
     monkeypatch.setenv("LMKERNEL_CACHE", str(tmp_path / "cache"))
     model = lms.llm()
@@ -93,5 +95,10 @@ def test_configure_default_client(fresh_kernel):
     lms.get_default_client()
     with pytest.raises(lms.LMStudioClientError, match="already created"):
         lms.configure_default_client("localhost:1234")
-    with pytest.raises(lms.LMStudioClientError, match="runs models in-process only"):
-        lms.Client("localhost:1234")
+
+
+def test_an_unreachable_host_fails_at_once():
+    with pytest.raises(lms.LMKernelConnectionError, match=r"lmkernel is not reachable at 127\.0\.0\.1:9"):
+        lms.Client("127.0.0.1:9")
+    with pytest.raises(lms.LMKernelConnectionError, match="An API host is 'host:port', got 'nohost'"):
+        lms.Client("nohost")

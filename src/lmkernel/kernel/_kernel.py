@@ -125,6 +125,8 @@ class Kernel:
                 peer.send(m.LoadedList(id=request.id, models=infos))
             case m.ListDownloaded():
                 self._spawn(self._list_downloaded, peer, request)
+            case m.Hello():
+                peer.send(m.Welcome(id=request.id))
 
     def _route(self, peer: Peer, request_id: int, key: str, op: str, *args: object) -> None:
         """Hand a request to the actor of model ``key``, or answer that there is none."""
@@ -151,6 +153,14 @@ class Kernel:
             if found is not None:
                 return found
         return None
+
+    def load_summary(self) -> dict[str, object]:
+        """What is loaded and how many predictions are running or waiting (for health checks)."""
+        ready = [a for a in self._actors if a.state == "ready"]
+        return {
+            "models": [a.info.identifier for a in ready],
+            "predictions": sum(len(a._runs) for a in ready),
+        }
 
     def _gone(self, actor: ModelActor) -> None:
         if actor in self._actors:

@@ -7,6 +7,9 @@ connection). Every request ends with exactly one terminal event; for a predictio
 :class:`Finished` (with a stop reason) or :class:`Failed`. A schema changes only by adding
 fields with defaults.
 
+Over a socket (``lmkernel serve``) the same frames travel length-prefixed after :data:`MAGIC`;
+the first request is :class:`Hello`, answered by :class:`Welcome` or :class:`Failed`.
+
 The public data types that travel inside events (:class:`LlmPredictionStats`,
 :class:`LlmInfo`, :class:`LlmInstanceInfo`) are defined here and re-exported by the SDK.
 """
@@ -152,7 +155,14 @@ class ListDownloaded(Request, tag="list_downloaded"):
     pass
 
 
-AnyRequest = Load | Predict | Cancel | Unload | Tokenize | GetInfo | ListLoaded | ListDownloaded
+class Hello(Request, tag="hello"):
+    """First frame on a socket connection: who is asking, with the server's token if it has one."""
+
+    token: str | None = None
+    client: str = ""
+
+
+AnyRequest = Load | Predict | Cancel | Unload | Tokenize | GetInfo | ListLoaded | ListDownloaded | Hello
 
 # ---------------------------------------------------------------------------------------
 # Events (kernel -> client)
@@ -217,6 +227,13 @@ class Done(Event, tag="done"):
     pass
 
 
+class Welcome(Event, tag="welcome"):
+    """The server accepted a socket connection's Hello."""
+
+    server: str = "lmkernel"
+    version: str = ""
+
+
 AnyEvent = (
     LoadProgress
     | Loaded
@@ -230,9 +247,15 @@ AnyEvent = (
     | LoadedList
     | DownloadedList
     | Done
+    | Welcome
 )
 
-TERMINAL_EVENTS = (Loaded, Finished, Failed, TokenLists, InstanceInfo, LoadedList, DownloadedList, Done)
+TERMINAL_EVENTS = (Loaded, Finished, Failed, TokenLists, InstanceInfo, LoadedList, DownloadedList, Done, Welcome)
+
+# Socket transport: a connection starts with MAGIC, then frames, each a 4-byte big-endian
+# length and that many bytes of msgpack. Larger frames are refused.
+MAGIC = b"LMKN\x01"
+MAX_FRAME = 16 * 1024 * 1024
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(AnyRequest)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import queue
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -110,16 +111,33 @@ class Inbox:
         return event
 
 
+def resolve_host(api_host: str | None) -> str | None:
+    """Where a client connects: ``api_host``, else ``LMKERNEL_API_HOST``; ``None`` is in-process."""
+    host = api_host if api_host is not None else os.environ.get("LMKERNEL_API_HOST") or None
+    return None if host in (None, "", "in-process") else host
+
+
 class Connection:
-    """One client's connection to a kernel. Thread-safe; close once."""
+    """One client's connection to a kernel: in-process, or to ``api_host`` over a socket.
 
-    def __init__(self, kernel: KernelThread | None = None) -> None:
-        from ..kernel.runtime import default_kernel
+    Thread-safe; close once.
+    """
 
+    def __init__(
+        self, api_host: str | None = None, token: str | None = None, kernel: KernelThread | None = None
+    ) -> None:
         self._ids = itertools.count(1)
         self._inboxes: dict[int, Inbox] = {}
-        self._transport = (kernel or default_kernel()).connect(self._feed)
         self.closed = False
+        if api_host is None:
+            from ..kernel.runtime import default_kernel
+
+            self._transport = (kernel or default_kernel()).connect(self._feed)
+        else:
+            from ._remote import SocketTransport
+
+            token = token if token is not None else os.environ.get("LMKERNEL_API_TOKEN") or None
+            self._transport = SocketTransport(api_host, token, self._feed, self._lost)
 
     def open(self, make: Callable[[int], m.Request], waker=None) -> tuple[int, Inbox]:
         """Send the request ``make(id)``; return its id and the inbox its events arrive in."""
@@ -151,7 +169,14 @@ class Connection:
             return
         self.closed = True
         self._transport.close()
-        error = m.ErrorInfo(kind="kernel_closed", message="The client was closed before the kernel answered")
+        self._fail_all("The client was closed before the kernel answered")
+
+    def _lost(self, reason: str) -> None:  # reader thread of a socket transport
+        self.closed = True
+        self._fail_all(f"Lost the connection to the kernel: {reason}")
+
+    def _fail_all(self, message: str) -> None:
+        error = m.ErrorInfo(kind="kernel_closed", message=message)
         for request_id, inbox in list(self._inboxes.items()):
             inbox.put(m.Failed(id=request_id, error=error))
         self._inboxes.clear()

@@ -142,12 +142,3 @@ def reject_unsupported(*, response_format: Any, preset: str | None) -> None:
         )
     if preset is not None:
         raise LMKernelPresetNotFoundError(f"No preset named {preset!r}: lmkernel has no saved presets")
-
-
-def check_local(api_host: str | None) -> None:
-    """Only the in-process kernel is reachable in this version."""
-    if api_host not in (None, "in-process"):
-        raise LMKernelClientError(
-            f"Cannot connect to {api_host!r}: this version of lmkernel runs models in-process only "
-            "(create the client without an api_host)"
-        )

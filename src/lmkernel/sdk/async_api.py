@@ -7,6 +7,8 @@ the loop's own thread-safe hook, so the loop is never blocked.
 
 from __future__ import annotations
 
+import weakref
+
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -14,7 +16,7 @@ from ..errors import LMKernelClientError
 from ..kernel import messages as m
 from ..kernel.config import LlmLoadModelConfig, LlmPredictionConfig
 from . import _ops
-from ._connection import Connection, current_waker
+from ._connection import Connection, current_waker, resolve_host
 from ._ops import DEFAULT_TTL
 from ._stream import StreamCore
 from .types import AssistantResponse, LlmPredictionFragment, PredictionResult
@@ -239,22 +241,38 @@ class _AsyncSessionLlm:
         return (await self._client._call(_ops.get_info(model_specifier))).info
 
 
+async def _connect_off_loop(client: AsyncClient) -> None:
+    """Open a socket connection without blocking the running loop (asyncio or trio)."""
+    import sniffio
+
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        await trio.to_thread.run_sync(client._connection)
+    else:
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, client._connection)
+
+
 class AsyncClient:
-    """An async connection to the in-process kernel; use ``async with``.
+    """An async connection to the in-process kernel or to ``lmkernel serve``; use ``async with``.
 
     Closing it cancels its running predictions; loaded models stay in the process's kernel
     until their ``ttl`` expires or they are unloaded.
     """
 
-    def __init__(self, api_host: str | None = None) -> None:
-        _ops.check_local(api_host)
-        self.api_host = api_host or "in-process"
+    def __init__(self, api_host: str | None = None, api_token: str | None = None) -> None:
+        self._host = resolve_host(api_host)
+        self.api_host = self._host or "in-process"
+        self._token = api_token
         self._conn: Connection | None = None
         self._llm = _AsyncSessionLlm(self)
 
     def _connection(self) -> Connection:
         if self._conn is None:
-            self._conn = Connection()
+            self._conn = Connection(self._host, self._token)
+            weakref.finalize(self, self._conn.close)  # a dropped client lets go of its socket
         elif self._conn.closed:
             raise LMKernelClientError("This client is closed")
         return self._conn
@@ -279,6 +297,8 @@ class AsyncClient:
             self._conn.close()
 
     async def __aenter__(self) -> AsyncClient:
+        if self._host is not None and self._conn is None:
+            await _connect_off_loop(self)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -7,6 +7,8 @@ use one client at once.
 
 from __future__ import annotations
 
+import weakref
+
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -15,7 +17,7 @@ from ..errors import LMKernelClientError
 from ..kernel import messages as m
 from ..kernel.config import LlmLoadModelConfig, LlmPredictionConfig
 from . import _ops
-from ._connection import Connection
+from ._connection import Connection, resolve_host
 from ._ops import DEFAULT_TTL
 from ._stream import StreamCore, get_sync_api_timeout, set_sync_api_timeout
 from .types import AssistantResponse, LlmPredictionFragment, PredictionResult
@@ -246,24 +248,30 @@ class _SyncSessionLlm:
 
 
 class Client:
-    """A connection to the in-process kernel (``api_host`` is for remote kernels).
+    """A connection to the in-process kernel, or to ``lmkernel serve`` at ``api_host``.
 
-    Use it as a context manager, or call :meth:`close`; closing cancels its running
-    predictions. Loaded models belong to the process's kernel and outlive the client
-    until their ``ttl`` expires or they are unloaded.
+    ``api_host`` is ``"host:port"`` (default: ``LMKERNEL_API_HOST``, else in-process);
+    ``api_token`` the server's API key (default: ``LMKERNEL_API_TOKEN``). Use it as a
+    context manager, or call :meth:`close`; closing cancels its running predictions. Loaded
+    models belong to the kernel and outlive the client until their ``ttl`` expires or they
+    are unloaded.
     """
 
-    def __init__(self, api_host: str | None = None) -> None:
-        _ops.check_local(api_host)
-        self.api_host = api_host or "in-process"
+    def __init__(self, api_host: str | None = None, api_token: str | None = None) -> None:
+        self._host = resolve_host(api_host)
+        self.api_host = self._host or "in-process"
+        self._token = api_token
         self._conn: Connection | None = None
         self._lock = threading.Lock()
         self._llm = _SyncSessionLlm(self)
+        if self._host is not None:
+            self._connection()  # a wrong host or token fails here, as in LM Studio's SDK
 
     def _connection(self) -> Connection:
         with self._lock:
             if self._conn is None:
-                self._conn = Connection()
+                self._conn = Connection(self._host, self._token)
+                weakref.finalize(self, self._conn.close)  # a dropped client lets go of its socket
             elif self._conn.closed:
                 raise LMKernelClientError("This client is closed")
             return self._conn
@@ -303,12 +311,11 @@ _default_lock = threading.Lock()
 
 
 def configure_default_client(api_host: str) -> None:
-    """Set where the default client connects; only before it is created."""
+    """Set where the default client connects (``"host:port"``); only before it is created."""
     global _default_host
     with _default_lock:
         if _default_client is not None:
             raise LMKernelClientError("Default client is already created, cannot set its API host.")
-        _ops.check_local(api_host)
         _default_host = api_host
 
 
