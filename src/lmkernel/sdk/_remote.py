@@ -102,10 +102,13 @@ class SocketTransport:
         except (OSError, LMKernelConnectionError) as exc:
             reason = str(exc)
         if not self._closed:
+            self.close()
             self._on_lost(reason)
 
     def close(self) -> None:
-        """Disconnect; the server cancels this connection's running predictions."""
+        """Disconnect; the server cancels this connection's running predictions. Idempotent."""
+        if self._closed:
+            return
         self._closed = True
         try:
             self._sock.shutdown(socket.SHUT_RDWR)

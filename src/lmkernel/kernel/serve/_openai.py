@@ -68,8 +68,9 @@ _FINISH = {"maxPredictedTokensReached": "length", "contextLengthReached": "lengt
 
 
 def _param_from(message: str) -> str | None:
-    if "unknown field `" in message:
-        return message.split("unknown field `", 1)[1].split("`", 1)[0]
+    for marker in ("unknown field `", "missing required field `"):
+        if marker in message:
+            return message.split(marker, 1)[1].split("`", 1)[0]
     if "at `$." in message:
         return message.split("at `$.", 1)[1].rstrip("`").split("[", 1)[0]
     return None
