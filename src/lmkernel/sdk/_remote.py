@@ -29,26 +29,33 @@ def parse_host(api_host: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes | None:
-    chunks, missing = [], n
-    while missing:
-        chunk = sock.recv(missing)
-        if not chunk:
+class FrameReader:
+    """Length-prefixed frames from a socket, read through a buffer (few system calls)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def _fill(self, n: int) -> bool:
+        while len(self._buffer) < n:
+            chunk = self._sock.recv(max(65536, n - len(self._buffer)))
+            if not chunk:
+                return False
+            self._buffer += chunk
+        return True
+
+    def frame(self) -> bytes | None:
+        """One frame, or ``None`` at the end of the stream."""
+        if not self._fill(4):
             return None
-        chunks.append(chunk)
-        missing -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_frame(sock: socket.socket) -> bytes | None:
-    """One length-prefixed frame, or ``None`` at the end of the stream."""
-    header = _read_exact(sock, 4)
-    if header is None:
-        return None
-    (size,) = _LENGTH.unpack(header)
-    if size > m.MAX_FRAME:
-        raise LMKernelConnectionError(f"The server sent a frame of {size} bytes (limit {m.MAX_FRAME})")
-    return _read_exact(sock, size)
+        (size,) = _LENGTH.unpack_from(self._buffer)
+        if size > m.MAX_FRAME:
+            raise LMKernelConnectionError(f"The server sent a frame of {size} bytes (limit {m.MAX_FRAME})")
+        if not self._fill(4 + size):
+            return None
+        frame = bytes(self._buffer[4 : 4 + size])
+        del self._buffer[: 4 + size]
+        return frame
 
 
 class SocketTransport:
@@ -68,10 +75,11 @@ class SocketTransport:
         self._closed = False
         self._on_lost = on_lost
         self._sink = sink
+        self._frames = FrameReader(self._sock)
         self._sock.sendall(m.MAGIC)
         self.send(m.encode(m.Hello(id=0, token=token, client="lmkernel")))
         try:
-            reply = read_frame(self._sock)
+            reply = self._frames.frame()
         except OSError as exc:
             reply = None
             log.debug("handshake failed: %s", exc)
@@ -97,7 +105,7 @@ class SocketTransport:
     def _read_loop(self) -> None:
         reason = "the server closed the connection"
         try:
-            while (frame := read_frame(self._sock)) is not None:
+            while (frame := self._frames.frame()) is not None:
                 self._sink(frame)
         except (OSError, LMKernelConnectionError) as exc:
             reason = str(exc)

@@ -62,7 +62,14 @@ async def serve_native(stream: trio.SocketStream, data: bytes, kernel: Kernel, t
 
     async def writer() -> None:
         async for frame in out_receive:
-            await stream.send_all(_LENGTH.pack(len(frame)) + frame)
+            batch = [_LENGTH.pack(len(frame)), frame]
+            while True:  # frames already waiting go out in one write
+                try:
+                    more = out_receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch += (_LENGTH.pack(len(more)), more)
+            await stream.send_all(b"".join(batch))
 
     try:
         hello = await reader.frame()

@@ -270,34 +270,51 @@ class OpenAIHandler:
             raise HttpError(_STATUS.get(first.error.kind, 500), first.error.message)
         await self._send(h11.Response(status_code=200, headers=[
             ("content-type", "text/event-stream"), ("cache-control", "no-cache")]))
+        # Each text chunk is the same JSON but for the text: build it once, splice the text in.
+        head, tail = json.dumps({**meta, "object": "text_completion", "choices": [
+            {"text": "\x00", "index": 0, "logprobs": None, "finish_reason": None}]}).split('"\\u0000"')
+        head, tail = b"data: " + head.encode(), tail.encode() + b"\n\n"
 
-        def chunk(text: str, finish: str | None) -> dict:
+        def finish(reason: str) -> dict:
             return {**meta, "object": "text_completion",
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": reason}]}
 
         try:
-            event = first
-            while True:
-                if isinstance(event, m.Fragment):
-                    await self._sse(chunk(event.content, None))
-                elif isinstance(event, m.Finished):
-                    await self._sse(chunk("", _FINISH.get(event.stats.stop_reason, "stop")))
-                    if include_usage:
-                        await self._sse({**meta, "object": "text_completion", "choices": [],
-                                         "usage": _usage(event.stats)})
-                    break
-                elif isinstance(event, m.Failed):
-                    await self._sse({"error": {"message": event.error.message, "type": "server_error"}})
-                    break
-                event = await events.receive()
-            await self._send(h11.Data(data=b"data: [DONE]\n\n"))
+            event, done = first, False
+            while not done:
+                batch = bytearray()
+                while True:  # everything already waiting goes out in one write
+                    if isinstance(event, m.Fragment):
+                        batch += head + json.dumps(event.content).encode() + tail
+                    elif isinstance(event, m.Finished):
+                        batch += _sse_bytes(finish(_FINISH.get(event.stats.stop_reason, "stop")))
+                        if include_usage:
+                            batch += _sse_bytes({**meta, "object": "text_completion", "choices": [],
+                                                 "usage": _usage(event.stats)})
+                        batch += b"data: [DONE]\n\n"
+                        done = True
+                        break
+                    elif isinstance(event, m.Failed):
+                        batch += _sse_bytes({"error": {"message": event.error.message, "type": "server_error"}})
+                        batch += b"data: [DONE]\n\n"
+                        done = True
+                        break
+                    try:
+                        event = events.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                if batch:
+                    await self._send(h11.Data(data=bytes(batch)))
+                if not done:
+                    event = await events.receive()
             await self._send(h11.EndOfMessage())
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             caller.cancel(request_id)  # the client went away: stop generating for it
             raise
 
-    async def _sse(self, payload: dict) -> None:
-        await self._send(h11.Data(data=b"data: " + json.dumps(payload).encode() + b"\n\n"))
+
+def _sse_bytes(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 def _usage(stats: m.LlmPredictionStats) -> dict[str, int]:
