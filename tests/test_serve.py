@@ -203,16 +203,56 @@ def test_api_key_is_required_on_both_protocols():
         assert server.stop() == 0
 
 
-def test_other_hosts_are_refused_without_a_key_or_opt_in():
-    from lmkernel.kernel.serve import ServeConfig, _is_loopback
+class _FakeStream:
+    """A connection from ``address`` carrying ``data``: what the server's handler sees."""
 
-    class Peer:
-        def __init__(self, address):
-            self.socket = type("S", (), {"getpeername": lambda _self: (address, 1234)})()
+    def __init__(self, address: str, data: bytes) -> None:
+        self.socket = type("Socket", (), {"getpeername": lambda _self: (address, 40000)})()
+        self.data, self.sent, self.closed = data, b"", False
 
-    assert _is_loopback(Peer("127.0.0.1")) and _is_loopback(Peer("::1"))
-    assert not _is_loopback(Peer("192.0.2.7")) and not _is_loopback(Peer("2001:db8::1"))
+    async def receive_some(self, _max: int) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+    async def send_all(self, data: bytes) -> None:
+        self.sent += data
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("address", ["192.0.2.7", "2001:db8::1"])
+def test_other_hosts_are_refused_without_a_key_or_opt_in(address):
+    import trio
+
+    from lmkernel.kernel.serve import ServeConfig, _connection
+
     assert ServeConfig().host == "127.0.0.1"  # loopback by default
+    http = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
+
+    async def handle(data: bytes, config: ServeConfig) -> bytes:
+        stream = _FakeStream(address, data)
+        await _connection(stream, kernel=None, config=config)
+        assert stream.closed
+        return stream.sent
+
+    refused = trio.run(handle, http, ServeConfig())
+    assert refused.startswith(b"HTTP/1.1 403 Forbidden") and b"--allow-remote" in refused
+    native = trio.run(handle, m.MAGIC + b"\x00\x00\x00\x01x", ServeConfig())
+    event = m.decode_event(native[4:])
+    assert isinstance(event, m.Failed) and event.error.kind == "unauthorized"
+    from lmkernel.kernel._kernel import Kernel
+
+    async def allowed() -> bytes:
+        kernel = Kernel()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kernel.serve)
+            stream = _FakeStream(address, http)
+            await _connection(stream, kernel, ServeConfig(allow_remote=True))
+            kernel.shutdown()
+        return stream.sent
+
+    assert trio.run(allowed).startswith(b"HTTP/1.1 200")
 
 
 def test_graceful_shutdown_ends_streams_cleanly():
