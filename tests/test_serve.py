@@ -74,7 +74,7 @@ def test_streaming_with_usage_and_stop(oai):
 
 def test_sampling_settings(oai):
     result = oai.completions.create(model=TINY, prompt="The cat", max_tokens=5, temperature=0.8, top_p=0.9)
-    assert 1 <= result.usage.completion_tokens <= 5
+    assert result.usage.completion_tokens <= 5 and result.choices[0].finish_reason in ("length", "stop")
 
 
 @pytest.mark.parametrize(

@@ -110,15 +110,18 @@ def test_a_cancelled_asyncio_task_cancels_only_its_stream(tiny_model):
                     await asyncio.sleep(0)
                 return stream.result().content
 
-            victim_stream = await model.complete_stream(PROMPTS[3], config={"maxTokens": 100_000})
+            # Greedy, so it cannot end early by sampling an end token; 4000 tokens to go.
+            victim_stream = await model.complete_stream(PROMPTS[0], config={"maxTokens": 100_000,
+                                                                            "temperature": 0})
+            streaming = asyncio.Event()
 
             async def victim():
                 async for _ in victim_stream:
-                    pass
+                    streaming.set()
 
             tasks = [asyncio.create_task(consume(p)) for p in PROMPTS[:3]]
             doomed = asyncio.create_task(victim())
-            await asyncio.sleep(0.05)
+            await streaming.wait()
             doomed.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await doomed

@@ -117,7 +117,7 @@ def test_sampling_settings_run(tiny_model):
         {"temperature": 1.0, "topKSampling": 0, "topPSampling": False, "minPSampling": False, "repeatPenalty": False},
     ):
         result = tiny_model.complete("The cat", config={**config, "maxTokens": 8})
-        assert result.stats.predicted_tokens_count >= 1
+        assert result.stats.stop_reason in ("maxPredictedTokensReached", "eosFound")
         for key, value in config.items():
             reported = result.prediction_config.to_dict()[key]
             assert reported == value or (value is False and reported in (0, 1.0, 0.0))

@@ -205,7 +205,7 @@ class Conformance:
 
         kernel = self._kernel()
         try:
-            conn = Connection(kernel)
+            conn = Connection(kernel=kernel)
             _, inbox = conn.open(lambda i: m.Load(id=i, model=str(self.path)))
             while not m.is_terminal(loaded := inbox.get(120)):
                 pass
