@@ -83,6 +83,11 @@ def _models(args: argparse.Namespace) -> int:
         info = e.info()
         rows.append((e.key, info.architecture or "?", info.params_string or "?", str(info.max_context_length),
                      ",".join(e.descriptions), str(e.path)))
+    demo = catalog.builtin_demo()
+    if demo is not None:
+        info = demo.info()
+        rows.append((demo.key, info.architecture or "?", info.params_string or "?", str(info.max_context_length),
+                     ",".join(demo.descriptions), "(built in: demo model, trained on the King James Bible)"))
     rows.append((BUILTIN_TINY, "llama", "5M", "4096", "mlx", "(built in: random weights, generated on first use)"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -69,7 +69,7 @@ def test_load_new_instance_and_unload(fresh_kernel):
 
 def test_list_downloaded_models(fresh_kernel):
     downloaded = lms.list_downloaded_models()
-    assert [d.model_key for d in downloaded] == [TINY, TINY_CTX64]
+    assert [d.model_key for d in downloaded] == [TINY, TINY_CTX64, "lmkernel/kjv-demo"]
     assert lms.list_downloaded_models("embedding") == []
     with pytest.raises(lms.LMStudioValueError, match="Unknown model namespace: 'x'"):
         lms.list_downloaded_models("x")
@@ -78,16 +78,18 @@ def test_list_downloaded_models(fresh_kernel):
     assert tiny.model().identifier == TINY
 
 
-def test_builtin_tiny_model_is_the_last_resort(fresh_kernel, monkeypatch, tmp_path, transport):
+def test_without_local_models_the_demo_model_is_the_default(fresh_kernel, monkeypatch, tmp_path, transport):
     if transport == "server":
         pytest.skip("changes the model folders of this process, not of the server's")
     monkeypatch.setenv("LMKERNEL_MODELS", str(tmp_path / "empty"))
     monkeypatch.setenv("LMKERNEL_CACHE", str(tmp_path / "cache"))
     model = lms.llm()
-    assert model.identifier == "lmkernel/tiny-random-llama"
-    assert (tmp_path / "cache" / "models" / "lmkernel" / "tiny-random-llama" / "config.json").exists()
-    assert model.complete("The cat", config={"maxTokens": 3}).stats.predicted_tokens_count <= 3
+    assert model.identifier == "lmkernel/kjv-demo"
     model.unload()
+    tiny = lms.llm("lmkernel/tiny-random-llama")  # still there by name, generated on first use
+    assert (tmp_path / "cache" / "models" / "lmkernel" / "tiny-random-llama" / "config.json").exists()
+    assert tiny.complete("The cat", config={"maxTokens": 3}).stats.predicted_tokens_count <= 3
+    tiny.unload()
     shutil.rmtree(tmp_path / "cache")
 
 

@@ -6,8 +6,11 @@ A key is a path to a model folder, or a name looked up in the model folders: the
 ``publisher/name`` as those tools lay them out; a bare ``name`` matches when it is unique.
 A folder is a model when some backend's :meth:`~lmkernel.plugins.Backend.describe` accepts it.
 
-``lmkernel/tiny-random-llama`` is built in: a tiny seeded random Llama, generated into
-lmkernel's cache folder on first use, so that a fresh machine can run a completion.
+Two models are built in. ``lmkernel/kjv-demo`` ships inside the package: a small Llama
+trained on the King James Bible (``tools/train_demo_model.py``), the default when no other
+model is found, so that a fresh machine completes text in English. ``lmkernel/tiny-random-llama``
+is a tiny seeded random Llama, generated into lmkernel's cache folder on first use (noise; for
+tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ from ..plugins.contract import Backend, ModelDescription
 from .messages import LlmInfo
 
 BUILTIN_TINY = "lmkernel/tiny-random-llama"
+BUILTIN_DEMO = "lmkernel/kjv-demo"
+
+
+def demo_model_path() -> Path:
+    """Where the demo model ships, inside the installed package."""
+    return Path(__file__).resolve().parent.parent / "models" / "kjv-demo"
 
 
 def cache_dir() -> Path:
@@ -128,6 +137,8 @@ class Catalog:
             return entry
         if key == BUILTIN_TINY:
             return self.builtin_tiny()
+        if key == BUILTIN_DEMO and (demo := self.builtin_demo()) is not None:
+            return demo
         entries = self.entries()
         for entry in entries:
             if entry.key == key:
@@ -135,7 +146,7 @@ class Catalog:
         by_name = [e for e in entries if e.key.rsplit("/", 1)[-1].lower() == key.lower()]
         if len(by_name) == 1:
             return by_name[0]
-        keys = [e.key for e in entries] + [BUILTIN_TINY]
+        keys = [e.key for e in entries] + [BUILTIN_DEMO, BUILTIN_TINY]
         close = difflib.get_close_matches(key, keys, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise LMKernelModelNotFoundError(
@@ -161,14 +172,23 @@ class Catalog:
             raise LMKernelModelNotFoundError(f"No available backend can load the built-in model {BUILTIN_TINY!r}")
         return entry
 
+    def builtin_demo(self) -> CatalogEntry | None:
+        """The demo model shipped with the package, if this installation has it."""
+        path = demo_model_path()
+        if not (path / "config.json").exists():
+            return None
+        return self.describe(BUILTIN_DEMO, path)
+
     def default(self) -> CatalogEntry:
         """The model ``llm()`` loads when given no key and nothing is loaded.
 
         ``LMKERNEL_DEFAULT_MODEL`` if set, else the first model found in the model folders,
-        else the built-in tiny model.
+        else the shipped demo model, else the built-in tiny random model.
         """
         key = os.environ.get("LMKERNEL_DEFAULT_MODEL")
         if key:
             return self.resolve(key)
         entries = self.entries()
-        return entries[0] if entries else self.builtin_tiny()
+        if entries:
+            return entries[0]
+        return self.builtin_demo() or self.builtin_tiny()

@@ -332,5 +332,9 @@ class Kernel:
         return f"{key}:{n}"
 
     async def _list_downloaded(self, peer: Peer, request: m.ListDownloaded) -> None:
-        entries = await trio.to_thread.run_sync(self.catalog.entries)
+        def listing() -> list[CatalogEntry]:
+            demo = self.catalog.builtin_demo()
+            return self.catalog.entries() + ([demo] if demo is not None else [])
+
+        entries = await trio.to_thread.run_sync(listing)
         peer.send(m.DownloadedList(id=request.id, models=[e.info() for e in entries]))

@@ -257,6 +257,37 @@ TERMINAL_EVENTS = (Loaded, Finished, Failed, TokenLists, InstanceInfo, LoadedLis
 MAGIC = b"LMKN\x01"
 MAX_FRAME = 16 * 1024 * 1024
 
+
+def frame(payload: bytes) -> bytes:
+    """Length-prefix one encoded message for a socket."""
+    return len(payload).to_bytes(4, "big") + payload
+
+
+class FrameDecoder:
+    """Split a byte stream into frames, I/O-free: ``feed`` bytes in, get whole frames out.
+
+    Raises ``ValueError`` for a frame over :data:`MAX_FRAME`. Both sides of the socket
+    transport (the trio server, the threaded client) read through one of these.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._buffer = bytearray(data)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames = []
+        while len(self._buffer) >= 4:
+            size = int.from_bytes(self._buffer[:4], "big")
+            if size > MAX_FRAME:
+                raise ValueError(f"frame of {size} bytes is over the limit of {MAX_FRAME}")
+            if len(self._buffer) < 4 + size:
+                break
+            frames.append(bytes(self._buffer[4 : 4 + size]))
+            del self._buffer[: 4 + size]
+        return frames
+
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(AnyRequest)
 _event_decoder = msgspec.msgpack.Decoder(AnyEvent)

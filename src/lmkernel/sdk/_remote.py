@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import threading
 from collections.abc import Callable
 
@@ -18,7 +17,6 @@ from ..errors import LMKernelConnectionError, error_from_info
 from ..kernel import messages as m
 
 log = logging.getLogger("lmkernel")
-_LENGTH = struct.Struct(">I")
 
 
 def parse_host(api_host: str) -> tuple[str, int]:
@@ -30,32 +28,24 @@ def parse_host(api_host: str) -> tuple[str, int]:
 
 
 class FrameReader:
-    """Length-prefixed frames from a socket, read through a buffer (few system calls)."""
+    """Blocking reads of whole frames from a socket, through the shared frame decoder."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._buffer = bytearray()
-
-    def _fill(self, n: int) -> bool:
-        while len(self._buffer) < n:
-            chunk = self._sock.recv(max(65536, n - len(self._buffer)))
-            if not chunk:
-                return False
-            self._buffer += chunk
-        return True
+        self._decoder = m.FrameDecoder()
+        self._ready: list[bytes] = []
 
     def frame(self) -> bytes | None:
         """One frame, or ``None`` at the end of the stream."""
-        if not self._fill(4):
-            return None
-        (size,) = _LENGTH.unpack_from(self._buffer)
-        if size > m.MAX_FRAME:
-            raise LMKernelConnectionError(f"The server sent a frame of {size} bytes (limit {m.MAX_FRAME})")
-        if not self._fill(4 + size):
-            return None
-        frame = bytes(self._buffer[4 : 4 + size])
-        del self._buffer[: 4 + size]
-        return frame
+        while not self._ready:
+            data = self._sock.recv(65536)
+            if not data:
+                return None
+            try:
+                self._ready = self._decoder.feed(data)
+            except ValueError as exc:
+                raise LMKernelConnectionError(f"The server sent a bad frame: {exc}") from None
+        return self._ready.pop(0)
 
 
 class SocketTransport:
@@ -98,7 +88,7 @@ class SocketTransport:
         """Write one request frame (thread-safe)."""
         try:
             with self._lock:
-                self._sock.sendall(_LENGTH.pack(len(frame)) + frame)
+                self._sock.sendall(m.frame(frame))
         except OSError as exc:
             raise LMKernelConnectionError(f"Lost the connection to the kernel: {exc}") from None
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-import struct
 
 import msgspec
 import trio
@@ -21,34 +20,23 @@ from .. import messages as m
 from .._kernel import Kernel
 
 log = logging.getLogger("lmkernel.serve")
-_LENGTH = struct.Struct(">I")
 
 
 class _Reader:
-    """Buffered reads of exact byte counts from a trio stream."""
+    """Whole frames from a trio stream, through the shared frame decoder."""
 
     def __init__(self, stream: trio.abc.ReceiveStream, data: bytes = b"") -> None:
         self._stream = stream
-        self._buffer = bytearray(data)
-
-    async def exactly(self, n: int) -> bytes | None:
-        while len(self._buffer) < n:
-            chunk = await self._stream.receive_some(65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
+        self._decoder = m.FrameDecoder()
+        self._ready: list[bytes] = self._decoder.feed(data)
 
     async def frame(self) -> bytes | None:
-        header = await self.exactly(4)
-        if header is None:
-            return None
-        (size,) = _LENGTH.unpack(header)
-        if size > m.MAX_FRAME:
-            raise ValueError(f"frame of {size} bytes is over the limit of {m.MAX_FRAME}")
-        return await self.exactly(size)
+        while not self._ready:
+            data = await self._stream.receive_some(65536)
+            if not data:
+                return None
+            self._ready = self._decoder.feed(data)
+        return self._ready.pop(0)
 
 
 def _protocol_error(message: str) -> bytes:
@@ -62,13 +50,12 @@ async def serve_native(stream: trio.SocketStream, data: bytes, kernel: Kernel, t
 
     async def writer() -> None:
         async for frame in out_receive:
-            batch = [_LENGTH.pack(len(frame)), frame]
+            batch = [m.frame(frame)]
             while True:  # frames already waiting go out in one write
                 try:
-                    more = out_receive.receive_nowait()
+                    batch.append(m.frame(out_receive.receive_nowait()))
                 except trio.WouldBlock:
                     break
-                batch += (_LENGTH.pack(len(more)), more)
             await stream.send_all(b"".join(batch))
 
     try:
@@ -112,5 +99,4 @@ async def serve_native(stream: trio.SocketStream, data: bytes, kernel: Kernel, t
         kernel.disconnect(peer)
 
 
-def _frame(payload: bytes) -> bytes:
-    return _LENGTH.pack(len(payload)) + payload
+_frame = m.frame
