@@ -8,6 +8,7 @@ import threading
 import pytest
 
 import lmkernel as lms
+from lmkernel.kernel._catalog import demo_model_path
 
 from ..conftest import TINY, TINY_CTX64
 
@@ -69,7 +70,8 @@ def test_load_new_instance_and_unload(fresh_kernel):
 
 def test_list_downloaded_models(fresh_kernel):
     downloaded = lms.list_downloaded_models()
-    assert [d.model_key for d in downloaded] == [TINY, TINY_CTX64, "lmkernel/kjv-demo"]
+    shipped = ["lmkernel/kjv-demo"] if (demo_model_path() / "config.json").exists() else []
+    assert [d.model_key for d in downloaded] == [TINY, TINY_CTX64, *shipped]
     assert lms.list_downloaded_models("embedding") == []
     with pytest.raises(lms.LMStudioValueError, match="Unknown model namespace: 'x'"):
         lms.list_downloaded_models("x")
@@ -84,7 +86,8 @@ def test_without_local_models_the_demo_model_is_the_default(fresh_kernel, monkey
     monkeypatch.setenv("LMKERNEL_MODELS", str(tmp_path / "empty"))
     monkeypatch.setenv("LMKERNEL_CACHE", str(tmp_path / "cache"))
     model = lms.llm()
-    assert model.identifier == "lmkernel/kjv-demo"
+    shipped = (demo_model_path() / "config.json").exists()
+    assert model.identifier == ("lmkernel/kjv-demo" if shipped else "lmkernel/tiny-random-llama")
     model.unload()
     tiny = lms.llm("lmkernel/tiny-random-llama")  # still there by name, generated on first use
     assert (tmp_path / "cache" / "models" / "lmkernel" / "tiny-random-llama" / "config.json").exists()
