@@ -35,8 +35,10 @@ import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("LMKERNEL_NO_DEFAULT_FOLDERS", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 
 import lmkernel as lms  # noqa: E402
+from _timing import run_threads  # noqa: E402
 from lmkernel.backends.mlx import _blas  # noqa: E402
 
 PROMPTS = [
@@ -56,22 +58,12 @@ def prompt(i: int) -> str:
 
 
 def lmkernel_threads(model: lms.LLM, n: int, tokens: int) -> tuple[int, float]:
-    counts = [0] * n
-    barrier = threading.Barrier(n + 1)
-
-    def run(i: int) -> None:
-        barrier.wait()
+    def work(i: int) -> int:
         result = model.complete(prompt(i), config={"temperature": 0, "maxTokens": tokens})
-        counts[i] = result.stats.predicted_tokens_count
+        return result.stats.predicted_tokens_count
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    return sum(counts), time.perf_counter() - start
+    counts, seconds = run_threads(n, work)
+    return sum(counts), seconds
 
 
 def lmkernel_asyncio(key: str, n: int, tokens: int) -> tuple[int, float]:
@@ -165,21 +157,8 @@ class MlxServer:
         return (usage if usage is not None else count), ttft
 
     def threads(self, n: int, tokens: int) -> tuple[int, float]:
-        counts = [0] * n
-        barrier = threading.Barrier(n + 1)
-
-        def run(i: int) -> None:
-            barrier.wait()
-            counts[i] = self.stream(prompt(i), tokens)[0]
-
-        workers = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-        for t in workers:
-            t.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for t in workers:
-            t.join()
-        return sum(counts), time.perf_counter() - start
+        counts, seconds = run_threads(n, lambda i: self.stream(prompt(i), tokens)[0])
+        return sum(counts), seconds
 
     def close(self) -> None:
         self.proc.terminate()

@@ -30,20 +30,12 @@ os.environ.setdefault("LMKERNEL_NO_DEFAULT_FOLDERS", "1")
 
 import lmkernel as lms  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # only long enough to import _timing
+from _timing import timed  # noqa: E402
+
+sys.path.pop(0)
+
 PROMPT = "Once upon a time the cat sat on the mat and the dog ran home"
-
-
-def measure(pieces) -> tuple[float, float, int]:
-    start = time.perf_counter()
-    stamps, pending = [], 0
-    for text, tokens in pieces:
-        pending += tokens
-        if text:
-            stamps.append((time.perf_counter(), pending))
-            pending = 0
-    first, last = stamps[0][0], stamps[-1][0]
-    later = sum(n for _, n in stamps[1:])
-    return first - start, later / (last - first), sum(n for _, n in stamps)
 
 
 def main() -> None:
@@ -91,8 +83,8 @@ def main() -> None:
     assert "".join(t for t, _ in ours()) == raw_text, "lmkernel and the raw generator disagree"
     rows = {"ExLlamaV2DynamicGenerator (raw)": [], "lmkernel sync": []}
     for _ in range(args.runs):
-        rows["ExLlamaV2DynamicGenerator (raw)"].append(measure(raw()))
-        rows["lmkernel sync"].append(measure(ours()))
+        rows["ExLlamaV2DynamicGenerator (raw)"].append(timed(raw()))
+        rows["lmkernel sync"].append(timed(ours()))
 
     base_tps = statistics.median(r[1] for r in rows["ExLlamaV2DynamicGenerator (raw)"])
     base_ttft = statistics.median(r[0] for r in rows["ExLlamaV2DynamicGenerator (raw)"])

@@ -28,39 +28,21 @@ from pathlib import Path
 
 os.environ.setdefault("LMKERNEL_NO_DEFAULT_FOLDERS", "1")
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 import lmkernel as lms  # noqa: E402
+from _timing import timed  # noqa: E402
 from lmkernel.backends.mlx import _blas  # noqa: E402
 
 PROMPT = "Once upon a time the cat sat on the mat and the dog ran home"
 
 
-def _measure(start: float, stamps: list[tuple[float, int]]) -> tuple[float, float, int]:
-    """(time to the first visible text, tokens/s after it, tokens) from (time, tokens) stamps."""
-    first, _ = stamps[0]
-    last = stamps[-1][0]
-    later = sum(n for _, n in stamps[1:])
-    return first - start, later / (last - first), sum(n for _, n in stamps)
-
-
-def timed(pieces) -> tuple[float, float, int]:
-    """Consume (text, tokens) pieces; pieces with no text yet count toward the next one."""
-    start = time.perf_counter()
-    stamps, pending = [], 0
-    for text, tokens in pieces:
-        pending += tokens
-        if text:
-            stamps.append((time.perf_counter(), pending))
-            pending = 0
-    return _measure(start, stamps)
-
-
 async def atimed(stream_coro) -> tuple[float, float, int]:
     start = time.perf_counter()
     stream = await stream_coro
-    stamps = []
-    async for fragment in stream:
-        stamps.append((time.perf_counter(), fragment.tokens_count))
-    return _measure(start, stamps)
+    pieces = [(f.content, f.tokens_count, time.perf_counter()) async for f in stream]
+    first, last = pieces[0][2], pieces[-1][2]
+    return first - start, sum(p[1] for p in pieces[1:]) / (last - first), sum(p[1] for p in pieces)
 
 
 def main() -> None:

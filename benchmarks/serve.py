@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ os.environ.setdefault("LMKERNEL_NO_DEFAULT_FOLDERS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lmkernel as lms  # noqa: E402
+from _timing import run_threads  # noqa: E402
 from concurrency import MlxServer, prompt  # noqa: E402
 from lmkernel.backends.mlx import _blas  # noqa: E402
 
@@ -75,25 +75,17 @@ def openai_stream(client, model: str, i: int, tokens: int):
 
 def run(n: int, stream_fn) -> tuple[float, float]:
     """Aggregate tokens/s and median time to first text, ``n`` concurrent streams."""
-    ttfts, counts = [0.0] * n, [0] * n
-    barrier = threading.Barrier(n + 1)
 
-    def worker(i: int) -> None:
-        barrier.wait()
-        start = time.perf_counter()
-        for text, count in stream_fn(i):
-            if text and not ttfts[i]:
-                ttfts[i] = time.perf_counter() - start
-            counts[i] += count
+    def work(i: int) -> tuple[float, int]:
+        start, ttft, count = time.perf_counter(), 0.0, 0
+        for text, tokens in stream_fn(i):
+            if text and not ttft:
+                ttft = time.perf_counter() - start
+            count += tokens
+        return ttft, count
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - start), statistics.median(ttfts)
+    results, seconds = run_threads(n, work)
+    return sum(c for _, c in results) / seconds, statistics.median(t for t, _ in results)
 
 
 def main() -> None:
