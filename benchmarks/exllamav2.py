@@ -57,6 +57,7 @@ def main() -> None:
         max_position_embeddings=2048, std=0.02,
     )
     config = ExLlamaV2Config(str(path))
+    config.no_sdpa = True  # the same attention path as lmkernel's backend without flash-attn
     model = ExLlamaV2(config)
     cache = ExLlamaV2Cache(model, max_seq_len=2048, lazy=True)
     model.load_autosplit(cache)

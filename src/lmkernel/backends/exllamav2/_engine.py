@@ -177,11 +177,16 @@ def load_engine(path: Path, options: LoadOptions, on_progress: Callable[[float],
     config.max_seq_len = cache_len
     config.max_input_len = chunk
     config.max_attention_size = chunk**2
+    paged = _has_flash_attn()
+    if not paged:
+        # exllamav2 0.3.2's torch-SDPA path passes no causal mask for an ordinary prefill
+        # (it takes the block-diagonal branch whenever causal=True), so prompt tokens see the
+        # ones after them. Its matmul path masks correctly.
+        config.no_sdpa = True
     model = lib["Model"](config)
     cache = lib["Cache"](model, max_seq_len=cache_len, lazy=True)
     model.load_autosplit(cache, callback=lambda done, total: on_progress(0.05 + 0.9 * done / max(total, 1)))
     tokenizer = lib["Tokenizer"](config)
-    paged = _has_flash_attn()
 
     def make_generator():
         return lib["Generator"](
