@@ -121,6 +121,18 @@ def tokenize(identifier: str, text: str | Iterable[str]) -> Call[list[int] | lis
     return Call(lambda i: m.Tokenize(id=i, model=identifier, texts=texts), parse)
 
 
+def prepare_prediction(
+    identifier: str, prompt: str, *, response_format: Any, config: Any, preset: str | None, **callbacks: Any
+) -> tuple[Callable[[int], m.Predict], dict[str, Any]]:
+    """Everything ``complete_stream`` does before a stream exists, for both facades.
+
+    Refuses what cannot be honoured and validates ``config`` (raising before any compute);
+    returns the request factory and the callbacks for the prediction state.
+    """
+    reject_unsupported(response_format=response_format, preset=preset)
+    return predict_request(identifier, prompt, config), callbacks
+
+
 def predict_request(identifier: str, prompt: str, config: Any) -> Callable[[int], m.Predict]:
     """Validate ``config`` now (before any compute) and build the request factory."""
     if not isinstance(prompt, str):

@@ -126,11 +126,9 @@ class LLM:
 
         ``config`` is validated here, before anything runs.
         """
-        _ops.reject_unsupported(response_format=response_format, preset=preset)
-        make = _ops.predict_request(self.identifier, prompt, config)
-        callbacks = dict(
-            on_message=on_message,
-            on_first_token=on_first_token,
+        make, callbacks = _ops.prepare_prediction(
+            self.identifier, prompt, response_format=response_format, config=config, preset=preset,
+            on_message=on_message, on_first_token=on_first_token,
             on_prediction_fragment=on_prediction_fragment,
             on_prompt_processing_progress=on_prompt_processing_progress,
         )
