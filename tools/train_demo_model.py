@@ -39,21 +39,6 @@ def kjv_verses() -> list[str]:
     return verses
 
 
-def train_tokenizer(lines: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers.trainers import BpeTrainer
-
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=["<unk>", "<s>", "</s>"],
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    return tok
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -72,6 +57,7 @@ def main() -> None:
         return
 
     from lmkernel.backends.mlx import _blas
+    from lmkernel.testing import train_bpe_tokenizer
 
     _blas.preload()
     import mlx.core as mx
@@ -85,7 +71,7 @@ def main() -> None:
     verses = kjv_verses()
     held_out = verses[::50]
     train = [v for i, v in enumerate(verses) if i % 50]
-    tok = train_tokenizer(train, args.vocab)
+    tok = train_bpe_tokenizer(train, args.vocab)
     vocab = tok.get_vocab_size()
     stream = np.array([t for v in train for t in tok.encode(v + "\n").ids[1:]], dtype=np.int32)
     print(f"{len(verses)} verses, {len(stream):,} training tokens, vocab {vocab}", flush=True)

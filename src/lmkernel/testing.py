@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-__all__ = ["build_tiny_llama", "TINY_WORDS"]
+__all__ = ["build_tiny_llama", "train_bpe_tokenizer", "TINY_WORDS"]
 
 TINY_WORDS = (
     "the cat sat on a mat and the dog ran in to hat it is was he she they we you I my your "
@@ -49,7 +49,8 @@ def _corpus(rng: random.Random, n_lines: int) -> list[str]:
     return lines
 
 
-def _train_tokenizer(lines: list[str], vocab_size: int):
+def train_bpe_tokenizer(lines: list[str], vocab_size: int):
+    """Train a byte-level BPE with Llama's specials (``<unk>``, ``<s>``, ``</s>`` = 0, 1, 2) and BOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from tokenizers.trainers import BpeTrainer
 
@@ -97,7 +98,7 @@ def build_tiny_llama(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    tok = _train_tokenizer(_corpus(rng, corpus_lines), vocab_size)
+    tok = train_bpe_tokenizer(_corpus(rng, corpus_lines), vocab_size)
     tok.save(str(out / "tokenizer.json"))
     vocab = tok.get_vocab_size()
 

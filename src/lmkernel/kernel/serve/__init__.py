@@ -51,10 +51,8 @@ async def _refuse(stream: trio.SocketStream, data: bytes) -> None:
     message = ("lmkernel serve refuses connections from other hosts unless it runs with --api-key "
                "or --allow-remote")
     if data.startswith(m.MAGIC):
-        from ._native import _frame
-
         refusal = m.Failed(id=0, error=m.ErrorInfo(kind="unauthorized", message=message))
-        await stream.send_all(_frame(m.encode(refusal)))
+        await stream.send_all(m.frame(m.encode(refusal)))
     else:
         body = ('{"error": {"message": "%s", "type": "permission_error"}}' % message).encode()
         await stream.send_all(b"HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\n"

@@ -62,18 +62,18 @@ async def serve_native(stream: trio.SocketStream, data: bytes, kernel: Kernel, t
         hello = await reader.frame()
         request = m.decode_request(hello) if hello is not None else None
     except (ValueError, msgspec.DecodeError) as exc:
-        await stream.send_all(_frame(_protocol_error(f"Expected a Hello frame first: {exc}")))
+        await stream.send_all(m.frame(_protocol_error(f"Expected a Hello frame first: {exc}")))
         return
     if not isinstance(request, m.Hello):
-        await stream.send_all(_frame(_protocol_error("Expected a Hello frame first")))
+        await stream.send_all(m.frame(_protocol_error("Expected a Hello frame first")))
         return
     if token is not None and not hmac.compare_digest((request.token or "").encode(), token.encode()):
         refusal = m.Failed(id=0, error=m.ErrorInfo(kind="unauthorized", message="Invalid or missing API token"))
-        await stream.send_all(_frame(m.encode(refusal)))
+        await stream.send_all(m.frame(m.encode(refusal)))
         return
     from ... import __version__
 
-    await stream.send_all(_frame(m.encode(m.Welcome(id=0, version=__version__))))
+    await stream.send_all(m.frame(m.encode(m.Welcome(id=0, version=__version__))))
     peer = kernel.connect(out_send.send_nowait)
     try:
         async with trio.open_nursery() as nursery:
@@ -99,4 +99,3 @@ async def serve_native(stream: trio.SocketStream, data: bytes, kernel: Kernel, t
         kernel.disconnect(peer)
 
 
-_frame = m.frame
