@@ -3,14 +3,18 @@
 The LM Studio SDK accepts config dicts with camelCase or snake_case keys, silently drops
 keys it does not know, and type-checks only some values. lmkernel validates every key
 before any compute: an unknown key raises (suggesting the near match), an ill-typed or
-out-of-range value raises naming the key, the rule and the value. Which of the valid keys
-a model can honour is decided later, against its backend (:func:`unsupported_keys`).
+out-of-range value raises naming the key, the rule and the value. Every value must also
+cross the wire as plain data (:func:`wire_problem`): no NaN or infinity, no integer beyond
+64 bits, no string that is not valid Unicode, anywhere in a config, nested values included.
+Which of the valid keys a model can honour is decided later, against its backend.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import math
+import reprlib
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -27,6 +31,9 @@ __all__ = [
     "parse_prediction_config",
     "parse_load_config",
     "KERNEL_PREDICTION_KEYS",
+    "show",
+    "unicode_problem",
+    "wire_problem",
 ]
 
 ContextOverflowPolicy = Literal["stopAtLimit", "truncateMiddle", "rollingWindow"]
@@ -44,9 +51,10 @@ class LlmPredictionConfig(PublicStruct):
     """Per-prediction settings (``config=`` of ``complete``); every field is optional.
 
     Fields: ``max_tokens`` (int >= 1, or -1/False for no limit), ``temperature`` (>= 0;
-    0 is greedy), ``stop_strings``, ``context_overflow_policy``, ``top_k_sampling``,
-    ``top_p_sampling``, ``min_p_sampling``, ``repeat_penalty`` (False disables a sampler),
-    and the rest of LM Studio's keys, which a backend may or may not honour.
+    0 is greedy), ``stop_strings``, ``context_overflow_policy``, ``top_k_sampling`` (a whole
+    number up to 2**31-1; 0 or -1 is off), ``top_p_sampling``, ``min_p_sampling``,
+    ``repeat_penalty`` (False disables a sampler), and the rest of LM Studio's keys, which a
+    backend may or may not honour. Numbers must be finite, integers must fit 64 bits.
     """
 
     max_tokens: int | bool | None = None
@@ -121,42 +129,140 @@ _ALIASES = {
 
 _Rule = tuple[str, Callable[[Any], bool]]
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what an integer on the wire must fit
+INT32_MAX = 2**31 - 1  # the most a count or a size handed to an engine may be
+MAX_NESTING = 32  # levels of lists and dicts in a config value (cycles end here too)
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80
+_short.maxlong = 40
+
+
+def show(value: Any) -> str:
+    """Return a short, always printable ``repr`` of ``value`` for an error message."""
+    try:
+        return _short.repr(value)
+    except Exception:  # an int too long to print, a repr that raises
+        if isinstance(value, int):
+            return f"<an integer of {value.bit_length()} bits>"
+        return f"<a {type(value).__name__}>"
+
+
+def unicode_problem(text: str) -> str | None:
+    """Say why ``text`` is not valid Unicode (a lone surrogate), or return ``None``."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"lone surrogate {text[exc.start]!r} at index {exc.start}"
+    return None
+
+
+def wire_problem(value: Any) -> tuple[str, str] | None:
+    """Find a part of ``value`` that cannot cross the wire; ``None`` when all of it can.
+
+    The answer is ``(where, rule)``: ``where`` indexes into ``value`` (``""`` for the value
+    itself, else like ``['tools'][0]``) and ``rule`` says what was expected and what was
+    found. Plain data crosses: ``None``, ``bool``, integers that fit 64 bits, finite floats,
+    valid Unicode strings, and lists and string-keyed dicts of those, at most
+    ``MAX_NESTING`` deep.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            if not INT64_MIN <= item <= INT64_MAX:
+                return where, f"an integer that fits in 64 bits (-2**63 to 2**63-1), got {show(item)}"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return where, f"a finite number, got {show(item)}"
+        elif isinstance(item, str):
+            if (problem := unicode_problem(item)) is not None:
+                return where, f"valid Unicode text, got {show(item)} ({problem})"
+        elif isinstance(item, list | tuple | Mapping):
+            if depth >= MAX_NESTING:
+                return where, f"at most {MAX_NESTING} levels of nested lists and dicts"
+            if isinstance(item, Mapping):
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        return where, f"dicts with string keys, got the key {show(key)}"
+                    if (problem := unicode_problem(key)) is not None:
+                        return where, f"keys in valid Unicode, got {show(key)} ({problem})"
+                    stack.append((child, f"{where}[{show(key)}]", depth + 1))
+            else:
+                stack.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(item))
+        else:
+            return where, (
+                f"plain data (None, bool, int, float, str, list, dict), got {type(item).__name__} {show(item)}"
+            )
+    return None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: _number(v) and v == int(v) and low <= v <= high
+
+
+def _at_least(low: float, *, open_: bool = False) -> Callable[[Any], bool]:
+    return lambda v: _number(v) and (low < v if open_ else low <= v)
+
 
 def _positive_or_unlimited(v: Any) -> bool:
-    return v is False or v == -1 or (v is not True and v >= 1)
+    return v is False or v == -1 or (_number(v) and 1 <= v <= INT64_MAX)
+
+
+def _top_k(v: Any) -> bool:
+    return v == -1 or _whole(0, INT32_MAX)(v)
 
 
 def _sampler_value(low: float, high: float, *, low_open: bool = False) -> Callable[[Any], bool]:
     def check(v: Any) -> bool:
         if v is False:
             return True
-        if v is True:
+        if not _number(v):
             return False
         return (low < v if low_open else low <= v) and v <= high
 
     return check
 
 
+def _off_or(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is False or check(v)
+
+
+_COUNT = f"an integer from 1 to {INT32_MAX}"
 _PREDICTION_RULES: dict[str, _Rule] = {
     "maxTokens": ("an integer >= 1, or -1 or False for no limit", _positive_or_unlimited),
-    "temperature": ("a number >= 0", lambda v: v >= 0),
+    "temperature": ("a number >= 0", _at_least(0.0)),
     "stopStrings": ("a list of non-empty strings", lambda v: all(v)),
     "toolCallStopStrings": ("a list of non-empty strings", lambda v: all(v)),
-    "topKSampling": ("a number >= 0 (0 disables top-k)", lambda v: v >= 0 or v == -1),
+    "topKSampling": (f"a whole number from 0 to {INT32_MAX} (0 or -1 disables top-k)", _top_k),
     "topPSampling": ("a number in (0, 1], or False", _sampler_value(0.0, 1.0, low_open=True)),
     "minPSampling": ("a number in [0, 1], or False", _sampler_value(0.0, 1.0)),
-    "repeatPenalty": ("a number > 0, or False", _sampler_value(0.0, float("inf"), low_open=True)),
-    "cpuThreads": ("an integer >= 1", lambda v: v >= 1),
-    "speculativeDecodingNumDraftTokensExact": ("an integer >= 1", lambda v: v >= 1),
-    "speculativeDecodingMinDraftLengthToConsider": ("an integer >= 0", lambda v: v >= 0),
+    "repeatPenalty": ("a finite number > 0, or False", _off_or(_at_least(0.0, open_=True))),
+    "cpuThreads": (_COUNT, _whole(1, INT32_MAX)),
+    "speculativeDecodingNumDraftTokensExact": (_COUNT, _whole(1, INT32_MAX)),
+    "speculativeDecodingMinDraftLengthToConsider": (f"an integer from 0 to {INT32_MAX}", _whole(0, INT32_MAX)),
+    "speculativeDecodingMinContinueDraftingProbability": ("a number in [0, 1]", _sampler_value(0.0, 1.0)),
+    "draftModel": ("a non-empty string", lambda v: v != ""),
 }
 
 _LOAD_RULES: dict[str, _Rule] = {
-    "contextLength": ("an integer >= 1", lambda v: v >= 1),
-    "evalBatchSize": ("an integer >= 1", lambda v: v >= 1),
-    "numExperts": ("an integer >= 1", lambda v: v >= 1),
-    "maxConcurrentPredictions": ("an integer >= 1", lambda v: v >= 1),
-    "maxQueuedPredictions": ("an integer >= 0", lambda v: v >= 0),
+    "contextLength": (_COUNT, _whole(1, INT32_MAX)),
+    "evalBatchSize": (_COUNT, _whole(1, INT32_MAX)),
+    "numExperts": (_COUNT, _whole(1, INT32_MAX)),
+    "maxConcurrentPredictions": (_COUNT, _whole(1, INT32_MAX)),
+    "maxQueuedPredictions": (f"an integer from 0 to {INT32_MAX}", _whole(0, INT32_MAX)),
+    "seed": (f"an integer from 0 to {INT64_MAX}", _whole(0, INT64_MAX)),
+    "ropeFrequencyBase": ("a finite number >= 0 (0: the model's own)", _at_least(0.0)),
+    "ropeFrequencyScale": ("a finite number >= 0 (0: the model's own)", _at_least(0.0)),
+    "backend": ("a non-empty string", lambda v: v != ""),
 }
 
 
@@ -195,7 +301,7 @@ def _type_name(field: msgspec.inspect.Field) -> str:
 
 def _canonical_key(key: Any, what: str, known: Mapping[str, Any]) -> str:
     if not isinstance(key, str):
-        raise LMKernelConfigError(f"{what} keys must be strings, got {key!r}")
+        raise LMKernelConfigError(f"{what} keys must be strings, got {show(key)}")
     camel = snake_to_camel(key)
     if camel in known:
         return camel
@@ -203,12 +309,41 @@ def _canonical_key(key: Any, what: str, known: Mapping[str, Any]) -> str:
     hint = ""
     if alias in known:
         hint = f"; did you mean {alias!r}?"
-    else:
+    elif len(camel) <= 100:
         lowered = {k.lower(): k for k in known}
         close = difflib.get_close_matches(camel.lower(), lowered, n=1, cutoff=0.75)
         if close:
             hint = f"; did you mean {lowered[close[0]]!r}?"
-    raise LMKernelConfigError(f"Unknown {what} key {key!r}{hint} (known keys: {', '.join(sorted(known))})")
+    raise LMKernelConfigError(f"Unknown {what} key {show(key)}{hint} (known keys: {', '.join(sorted(known))})")
+
+
+def _as_mapping(config: Any, struct: type[msgspec.Struct], what: str) -> Mapping[Any, Any]:
+    if isinstance(config, struct):
+        try:
+            return msgspec.to_builtins(config)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise LMKernelConfigError(f"{what} holds a value that is not plain data: {exc}") from None
+    if not isinstance(config, Mapping):
+        raise LMKernelConfigError(
+            f"{what} must be a dict or {struct.__name__}, got {type(config).__name__}: {show(config)}"
+        )
+    return config
+
+
+def _check_value(camel: str, value: Any, field: msgspec.inspect.Field, hint: Any, rule: _Rule | None, what: str) -> None:
+    """Raise :class:`LMKernelConfigError` unless ``value`` has the key's type, crosses the wire and keeps its rule."""
+    try:
+        msgspec.convert(value, hint)
+    except (msgspec.ValidationError, TypeError, ValueError, OverflowError, RecursionError):
+        raise LMKernelConfigError(
+            f"Invalid {what} value for {camel!r}: expected {_type_name(field)}, got {show(value)}"
+        ) from None
+    if (problem := wire_problem(value)) is not None:
+        where, expected = problem
+        where = where if len(where) <= 120 else "..." + where[-117:]
+        raise LMKernelConfigError(f"Invalid {what} value for {camel!r}{where and ' at ' + where}: expected {expected}")
+    if rule is not None and not rule[1](value):
+        raise LMKernelConfigError(f"Invalid {what} value for {camel!r}: expected {rule[0]}, got {show(value)}")
 
 
 def _parse(
@@ -216,35 +351,25 @@ def _parse(
 ) -> Any:
     if config is None:
         return struct()
-    if isinstance(config, struct):
-        config = config.to_dict()
-    if not isinstance(config, Mapping):
-        raise LMKernelConfigError(
-            f"{what} must be a dict or {struct.__name__}, got {type(config).__name__}: {config!r}"
-        )
+    config = _as_mapping(config, struct, what)
     fields = _fields(struct)
     hints = _hints(struct)
     values: dict[str, Any] = {}
+    seen: dict[str, Any] = {}
     for key, value in config.items():
         camel = _canonical_key(key, what, fields)
-        if camel in values:
-            raise LMKernelConfigError(f"{what} key {camel!r} is given twice (as {key!r} too)")
+        if camel in seen:
+            raise LMKernelConfigError(f"{what} key {camel!r} is given twice (as {show(key)} too)")
+        seen[camel] = key
         if value is None:
             continue
         field = fields[camel]
-        try:
-            msgspec.convert(value, hints[field.name])
-        except msgspec.ValidationError:
-            raise LMKernelConfigError(
-                f"Invalid {what} value for {camel!r}: expected {_type_name(field)}, got {value!r}"
-            ) from None
-        rule = rules.get(camel)
-        if rule is not None and not rule[1](value):
-            raise LMKernelConfigError(
-                f"Invalid {what} value for {camel!r}: expected {rule[0]}, got {value!r}"
-            )
+        _check_value(camel, value, field, hints[field.name], rules.get(camel), what)
         values[camel] = value
-    return msgspec.convert(values, struct)
+    try:
+        return msgspec.convert(values, struct)
+    except (msgspec.ValidationError, TypeError, ValueError, OverflowError) as exc:  # each value passed: a bug here
+        raise LMKernelConfigError(f"Invalid {what}: {exc}") from None
 
 
 def parse_prediction_config(config: Any) -> LlmPredictionConfig:
