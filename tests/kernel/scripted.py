@@ -1,7 +1,7 @@
 """A scripted backend for kernel mechanics (never used to prove a feature works on a model).
 
 The engine "generates" the letters of its prompt back, one per step. Knobs: ``fail_at``
-(raise on that step), ``load_gate`` (block loading until set), ``loads`` (count), ``step_delay`` (seconds per step).
+(raise on that step of an engine, once: a replacement engine works), ``load_gate`` (block loading until set), ``loads`` (count), ``step_delay`` (seconds per step).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class ScriptedEngine(Engine):
         self.steps += 1
         time.sleep(self.backend.step_delay)
         if self.backend.fail_at is not None and self.steps == self.backend.fail_at:
+            self.backend.fail_at = None
             raise RuntimeError("scripted engine failure")
         events = []
         for seq_id, seq in list(self.seqs.items()):

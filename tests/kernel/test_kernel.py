@@ -128,6 +128,8 @@ def test_backend_crash_fails_its_requests_and_the_kernel_keeps_running(scripted)
         assert isinstance(finished, m.Finished) and finished.stats.predicted_tokens_count == 3
 
     run(kernel, scenario)
+    # The engine that raised was closed and replaced; it never served again.
+    assert backend.loads == 3  # one, two, and one's replacement
 
 
 def test_cancel_and_disconnect_end_predictions(scripted):

@@ -1,9 +1,15 @@
 """One actor per loaded model: a trio task, a mailbox, and the engine's worker thread.
 
 The actor is the only thing that talks to its worker. Its mailbox takes client requests
-(predict, cancel, tokenize, unload) routed by the kernel, in arrival order; reports from
-the worker (progress, tokens, failures) are handled as they arrive on the kernel loop. It keeps the kernel-side state of every
-prediction on the model and finishes each with exactly one terminal event.
+(predict, cancel, tokenize, unload, info) routed by the kernel, in arrival order; reports
+from the worker (progress, tokens, failures) are handled as they arrive on the kernel loop.
+It keeps the kernel-side state of every prediction on the model and finishes each with
+exactly one terminal event.
+
+Who owns a failure: a request the actor cannot handle fails alone; an engine that raised
+fails the predictions it held and is replaced by the worker; an engine call that hangs, or
+a bug in the actor itself, ends the model (:meth:`ModelActor.crash`): every prediction and
+request on it fails with the reason, and it leaves the registry. The kernel goes on.
 """
 
 from __future__ import annotations
@@ -11,11 +17,11 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import trio
@@ -24,12 +30,35 @@ from ..plugins.contract import Backend, LoadOptions, PromptProgress, SequenceEnd
 from . import _worker as w
 from ._prediction import PredictionRun, sampling_from_config
 from .config import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, LlmLoadModelConfig, LlmPredictionConfig
-from .messages import Done, ErrorInfo, Event, Failed, InstanceInfo, LlmInstanceInfo, Loaded, TokenLists
+from .messages import Done, ErrorInfo, Event, Failed, InstanceInfo, LlmInstanceInfo, Loaded, Queued, TokenLists
 from .messages import LoadProgress as LoadProgressEvent
 
 log = logging.getLogger("lmkernel.kernel")
 
 seq_ids = itertools.count(1)
+
+DEFAULT_ENGINE_TIMEOUT = 300.0
+DEFAULT_LOAD_TIMEOUT = 1800.0
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number of seconds", name, raw)
+        return default
+    return value if value > 0 else default
+
+
+def engine_timeout() -> float:
+    """Seconds one engine call (a step, a tokenize ...) may take: ``LMKERNEL_ENGINE_TIMEOUT``, default 300."""
+    return _env_seconds("LMKERNEL_ENGINE_TIMEOUT", DEFAULT_ENGINE_TIMEOUT)
+
+
+def load_timeout() -> float:
+    """Seconds a backend's ``load`` may take: ``LMKERNEL_LOAD_TIMEOUT``, default 1800."""
+    return _env_seconds("LMKERNEL_LOAD_TIMEOUT", DEFAULT_LOAD_TIMEOUT)
 
 
 class Peer:
@@ -39,6 +68,51 @@ class Peer:
         self.send = send
         self.predictions: dict[int, tuple[ModelActor, int]] = {}
         self.closed = False
+
+
+# ---- the mailbox's message family (kernel -> actor) ------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictMsg:
+    peer: Peer
+    request_id: int
+    seq_id: int
+    prompt: str
+    config: LlmPredictionConfig
+
+
+@dataclass(frozen=True)
+class CancelMsg:
+    seq_id: int
+
+
+@dataclass(frozen=True)
+class TokenizeMsg:
+    peer: Peer
+    request_id: int
+    texts: list[str]
+
+
+@dataclass(frozen=True)
+class UnloadMsg:
+    peer: Peer
+    request_id: int
+
+
+@dataclass(frozen=True)
+class InfoMsg:
+    peer: Peer
+    request_id: int
+
+
+@dataclass(frozen=True)
+class _Wake:
+    """Wake the mailbox loop (recompute the idle deadline, or notice the end)."""
+
+
+Mail = PredictMsg | CancelMsg | TokenizeMsg | UnloadMsg | InfoMsg | _Wake
+_WAKE = _Wake()
 
 
 @dataclass(eq=False)
@@ -59,6 +133,12 @@ class _Running:
     run: PredictionRun
 
 
+def _mail_peer(item: Mail) -> tuple[Peer, int] | None:
+    if isinstance(item, PredictMsg | TokenizeMsg | UnloadMsg | InfoMsg):
+        return item.peer, item.request_id
+    return None
+
+
 @dataclass(eq=False)
 class ModelActor:
     """A loaded (or loading) model instance."""
@@ -69,12 +149,12 @@ class ModelActor:
     load_config: LlmLoadModelConfig
     ttl: float | None
     on_gone: Callable[[ModelActor], None]
-    state: str = "loading"  # loading -> ready -> unloading -> gone
+    state: str = "loading"  # loading -> ready (-> reloading -> ready)* -> unloading -> gone
     load_waiters: list[_Waiter] = field(default_factory=list)
     unload_waiters: list[tuple[Peer, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[Any](math.inf)
+        self._send, self._receive = trio.open_memory_channel[Mail](math.inf)
         self._runs: dict[int, _Running] = {}
         self._tokenize: dict[int, tuple[Peer, int]] = {}
         self._running: set[int] = set()  # sequences handed to the engine
@@ -86,6 +166,8 @@ class ModelActor:
         )
         self._token = trio.lowlevel.current_trio_token()
         self._idle_since = trio.current_time()
+        #: Why the model left (an engine that could not be kept), for the errors that follow.
+        self.end_reason: str | None = None
         options = LoadOptions(
             context_length=self.load_config.context_length,
             seed=self.load_config.seed,
@@ -94,12 +176,18 @@ class ModelActor:
             extra={k: v for k, v in self.load_config.to_dict().items() if k in self.backend.load_keys},
         )
         self._worker = w.EngineWorker(self.backend, self.path, options, self._post, self.info.identifier)
+        self._engine_timeout = engine_timeout()
+        self._load_timeout = load_timeout()
 
     # ---- entry points, called on the kernel's trio thread --------------------------
 
-    def submit(self, item: Any) -> None:
-        """Put a request into the mailbox (``("predict", peer, id, prompt, config)`` ...)."""
+    def submit(self, item: Mail) -> None:
+        """Put a request into the mailbox."""
         self._send.send_nowait(item)
+
+    @property
+    def live(self) -> bool:
+        return self.state in ("loading", "ready", "reloading")
 
     def _post(self, report: w.Report) -> None:  # worker thread
         try:
@@ -109,25 +197,56 @@ class ModelActor:
 
     def _on_report(self, report: w.Report) -> None:
         # Reports are handled right in the kernel loop's callback, not queued behind the
-        # mailbox: one task switch less per generated token. Nothing here may raise into trio.
+        # mailbox: one task switch less per generated token. Nothing here may raise into
+        # trio: a failure here is a bug in the actor, and it ends this model only.
+        if self.state == "gone":
+            return
         try:
             self._report(report)
-        except Exception:
-            log.exception("error while handling %s for %s", type(report).__name__, self.info.identifier)
+        except Exception as exc:
+            self.crash(exc, f"while handling the engine's {type(report).__name__} report")
+
+    def _limit(self, doing: str) -> float:
+        return self._load_timeout if "loading" in doing else self._engine_timeout
+
+    def _on_hang(self, worker: w.EngineWorker, doing: str, seconds: float) -> None:  # watch thread
+        try:
+            self._token.run_sync_soon(self._hung, doing, seconds)
+        except trio.RunFinishedError:
+            pass
+
+    def _hung(self, doing: str, seconds: float) -> None:
+        if self.state == "gone":
+            return
+        self._worker.abandoned = True  # the thread cannot be stopped; nothing it says counts now
+        limit = self._limit(doing)
+        self.crash(
+            TimeoutError(f"the backend call did not return within {limit:g} s"),
+            f"{doing} (hung for {seconds:.1f} s; its thread is abandoned)",
+        )
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until the model is unloaded and its worker thread has ended."""
-        self._worker.start()
-        task_status.started()
-        while self.state != "gone":
-            with trio.move_on_at(self._idle_deadline()) as scope:
-                item = await self._receive.receive()
-            if scope.cancelled_caught:
-                log.info("unloading %s: idle for %s s (ttl)", self.info.identifier, self.ttl)
-                self.unload()
-                continue
-            self._dispatch(item)
-        self.on_gone(self)
+        """Run until the model is unloaded and its worker thread has ended (or was abandoned)."""
+        w.HANG_WATCH.watch(self._worker, self._limit, self._on_hang)
+        try:
+            self._worker.start()
+            task_status.started()
+            while self.state != "gone":
+                with trio.move_on_at(self._idle_deadline()) as scope:
+                    item = await self._receive.receive()
+                if scope.cancelled_caught:
+                    log.info("unloading %s: idle for %s s (ttl)", self.info.identifier, self.ttl)
+                    self.unload()
+                    continue
+                try:
+                    self._dispatch(item)
+                except Exception as exc:  # a bug: the request that triggered it fails, alone
+                    log.exception("model actor %s failed handling %s", self.info.identifier, type(item).__name__)
+                    if (owner := _mail_peer(item)) is not None:
+                        owner[0].send(Failed(id=owner[1], error=self._kernel_error(exc, type(item).__name__)))
+        finally:
+            w.HANG_WATCH.unwatch(self._worker)
+            self.on_gone(self)
 
     def _idle_deadline(self) -> float:
         if self.ttl is None or self.state != "ready" or self._runs or self._tokenize:
@@ -138,27 +257,30 @@ class ModelActor:
         """Note activity; the mailbox loop wakes to recompute its idle deadline."""
         self._idle_since = trio.current_time()
         if self.ttl is not None and self.state == "ready":
-            self._send.send_nowait(None)
+            self._send.send_nowait(_WAKE)
 
     # ---- mailbox ---------------------------------------------------------------------
 
-    def _dispatch(self, item: Any) -> None:
+    def _dispatch(self, item: Mail) -> None:
         match item:
-            case ("predict", peer, request_id, seq_id, prompt, config):
+            case PredictMsg(peer, request_id, seq_id, prompt, config):
                 self._touch()
                 self._start_prediction(peer, request_id, seq_id, prompt, config)
-            case ("cancel", seq_id):
+            case CancelMsg(seq_id):
                 self._cancel(seq_id)
-            case ("tokenize", peer, request_id, texts):
+            case TokenizeMsg(peer, request_id, texts):
+                if not self.live:
+                    peer.send(Failed(id=request_id, error=self._gone_error()))
+                    return
                 self._touch()
                 key = next(seq_ids)
                 self._tokenize[key] = (peer, request_id)
                 self._worker.send(w.TokenizeTexts(key, texts))
-            case ("unload", peer, request_id):
+            case UnloadMsg(peer, request_id):
                 self.unload(peer, request_id)
-            case ("info", peer, request_id):
+            case InfoMsg(peer, request_id):
                 peer.send(InstanceInfo(id=request_id, info=self.info, load_config=self.load_config.to_dict()))
-            case None:
+            case _Wake():
                 pass
 
     def _report(self, report: w.Report) -> None:
@@ -178,10 +300,19 @@ class ModelActor:
                     ),
                     model=self.info.identifier,
                 ))
-            case w.StepFailed(seq_ids, error):
-                log.error("backend %s failed on %s", self.backend.name, self.info.identifier, exc_info=error)
-                for seq_id in seq_ids:
-                    self._fail(seq_id, self._backend_error(error, "while predicting"))
+            case w.EngineFailed(lost, error, doing, replacing):
+                if replacing and self.state == "ready":
+                    self.state = "reloading"  # new predictions wait for the fresh engine
+                info = self._backend_error(error, doing)
+                for seq_id in lost:
+                    self._fail(seq_id, info)
+                if replacing:  # whatever else the old engine held is lost with it
+                    for seq_id in list(self._running):
+                        self._fail(seq_id, info)
+            case w.Reloaded(context_length):
+                if self.state == "reloading":
+                    self.state = "ready"
+                    self._admit()
             case w.Tokenized(key, tokens, error):
                 peer, request_id = self._tokenize.pop(key)
                 self._touch()
@@ -194,20 +325,10 @@ class ModelActor:
                     waiter.progress(min(progress, 0.99))
             case w.LoadDone(context_length):
                 self._loaded(context_length)
-            case w.LoadFailed(error):
-                info = self._backend_error(error, "while loading")
-                for waiter in self.load_waiters:
-                    waiter.peer.send(Failed(id=waiter.request_id, error=info))
-                for seq_id in list(self._runs):
-                    self._fail(seq_id, info)
-                self.load_waiters.clear()
-                self._waiting.clear()
-                self.state = "unloading"
+            case w.LoadFailed(error, doing):
+                self._end(self._backend_error(error, doing))
             case w.Exited():
-                self.state = "gone"
-                for peer, request_id in self.unload_waiters:
-                    peer.send(Done(id=request_id))
-                self._send.send_nowait(None)  # wake the mailbox loop so that it ends
+                self._exited()
 
     def _loaded(self, context_length: int) -> None:
         self.info = msgspec.structs.replace(self.info, context_length=context_length)
@@ -224,13 +345,9 @@ class ModelActor:
     def _start_prediction(
         self, peer: Peer, request_id: int, seq_id: int, prompt: str, config: LlmPredictionConfig
     ) -> None:
-        if self.state not in ("loading", "ready"):
+        if not self.live:
             peer.predictions.pop(request_id, None)
-            peer.send(Failed(id=request_id, error=ErrorInfo(
-                kind="model_not_found",
-                message=f"Model {self.info.identifier!r} is being unloaded",
-                model=self.info.identifier,
-            )))
+            peer.send(Failed(id=request_id, error=self._gone_error()))
             return
         if len(self._waiting) >= self.max_queued and not self._has_room():
             peer.predictions.pop(request_id, None)
@@ -249,6 +366,8 @@ class ModelActor:
         self._runs[seq_id] = _Running(peer, run)
         self._waiting.append(w.AddSequence(seq_id, prompt, sampling, run.max_tokens))
         self._admit()
+        if seq_id in self._runs and seq_id not in self._running:
+            peer.send(Queued(id=request_id, position=len(self._waiting)))
 
     def _has_room(self) -> bool:
         return self.state == "ready" and len(self._running) < self.max_concurrent
@@ -266,16 +385,22 @@ class ModelActor:
             running = self._runs.get(event.seq_id)
             if running is None:
                 continue  # cancelled or stopped while the worker ran ahead
-            run = running.run
-            if isinstance(event, Token):
-                if run.token(event.text):
-                    self._worker.send(w.RemoveSequence(event.seq_id))
-                    self._forget(event.seq_id)
-            elif isinstance(event, PromptProgress):
-                run.progress(event.processed, event.total)
-            elif isinstance(event, SequenceEnd):
-                run.end(event.reason, event.text)
+            try:
+                self._on_step(event, running.run)
+            except Exception as exc:  # a bug in the kernel's per-prediction logic: that prediction fails
+                log.exception("handling %s for prediction %s failed", type(event).__name__, running.run.id)
+                self._fail(event.seq_id, self._kernel_error(exc, f"{type(event).__name__} event"))
+
+    def _on_step(self, event: object, run: PredictionRun) -> None:
+        if isinstance(event, Token):
+            if run.token(event.text):
+                self._worker.send(w.RemoveSequence(event.seq_id))
                 self._forget(event.seq_id)
+        elif isinstance(event, PromptProgress):
+            run.progress(event.processed, event.total)
+        elif isinstance(event, SequenceEnd):
+            run.end(event.reason, event.text)
+            self._forget(event.seq_id)
 
     def _cancel(self, seq_id: int, reason: str = "userStopped") -> None:
         running = self._runs.get(seq_id)
@@ -301,6 +426,8 @@ class ModelActor:
         self._admit()
         self._touch()
 
+    # ---- errors ------------------------------------------------------------------------
+
     def _backend_error(self, error: BaseException, doing: str) -> ErrorInfo:
         return ErrorInfo(
             kind="backend",
@@ -314,11 +441,73 @@ class ModelActor:
             original_message=str(error),
         )
 
-    # ---- unloading ----------------------------------------------------------------------
+    def _kernel_error(self, error: BaseException, doing: str) -> ErrorInfo:
+        return ErrorInfo(
+            kind="server",
+            message=(
+                f"lmkernel failed handling {doing} for model {self.info.identifier!r}: "
+                f"{type(error).__name__}: {error}"
+            ),
+            model=self.info.identifier,
+            original_type=f"{type(error).__module__}.{type(error).__qualname__}",
+            original_message=str(error),
+        )
+
+    def _gone_error(self) -> ErrorInfo:
+        why = f": {self.end_reason}" if self.end_reason else ""
+        return ErrorInfo(
+            kind="model_not_found",
+            message=f"Model {self.info.identifier!r} was unloaded{why}",
+            model=self.info.identifier,
+        )
+
+    # ---- ending ------------------------------------------------------------------------
+
+    def _end(self, error: ErrorInfo) -> None:
+        """The engine is gone for good (load failed, or it kept failing): fail everything waiting."""
+        self.end_reason = error.message
+        if self.state != "gone":
+            self.state = "unloading"  # before failing runs: nothing more is admitted
+            self.on_gone(self)
+        self._waiting.clear()
+        for waiter in self.load_waiters:
+            waiter.peer.send(Failed(id=waiter.request_id, error=error))
+        self.load_waiters.clear()
+        for seq_id in list(self._runs):
+            self._fail(seq_id, error)
+        for peer, request_id in self._tokenize.values():
+            peer.send(Failed(id=request_id, error=error))
+        self._tokenize.clear()
+
+    def crash(self, error: BaseException, doing: str) -> None:
+        """End this model because of ``error`` (a hung engine call, a bug in the actor).
+
+        Every prediction and request on it fails with the reason; the worker is told to
+        stop (or was abandoned); the model leaves the registry at once.
+        """
+        log.error("model %s: %s %s; unloading it", self.info.identifier, type(error).__name__, doing,
+                  exc_info=error)
+        try:
+            self._end(self._backend_error(error, doing))
+        finally:
+            self._worker.send(w.Shutdown())
+            if self._worker.abandoned:
+                self._exited()
+
+    def _exited(self) -> None:
+        self.state = "gone"
+        self.on_gone(self)
+        for peer, request_id in self.unload_waiters:
+            peer.send(Done(id=request_id))
+        self.unload_waiters.clear()
+        self._send.send_nowait(_WAKE)  # wake the mailbox loop so that it ends
 
     def unload(self, peer: Peer | None = None, request_id: int | None = None) -> None:
         """End running predictions (``modelUnloaded``) and stop the worker."""
         if peer is not None and request_id is not None:
+            if self.state == "gone":
+                peer.send(Done(id=request_id))
+                return
             self.unload_waiters.append((peer, request_id))
         if self.state in ("unloading", "gone"):
             return

@@ -10,6 +10,7 @@ Everything here runs on the kernel's trio thread; clients reach it through
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import msgspec
@@ -18,7 +19,6 @@ import trio
 from ..errors import (
     LMKernelBackendUnavailableError,
     LMKernelError,
-    LMKernelModelNotFoundError,
     LMKernelUnsupportedConfigError,
     LMKernelValueError,
     error_kind,
@@ -26,7 +26,7 @@ from ..errors import (
 from ..plugins.contract import Backend
 from ..plugins.discovery import Discovery, discover
 from . import messages as m
-from ._actor import ModelActor, Peer, _Waiter, seq_ids
+from ._actor import CancelMsg, InfoMsg, ModelActor, Peer, PredictMsg, TokenizeMsg, UnloadMsg, _Waiter, seq_ids
 from ._catalog import Catalog, CatalogEntry
 from .config import (
     KERNEL_LOAD_KEYS,
@@ -40,9 +40,22 @@ from .config import (
 
 log = logging.getLogger("lmkernel.kernel")
 
+#: Seconds a scan of the model folders may take (it calls every plugin's ``describe``).
+CATALOG_TIMEOUT = 60.0
+
 
 def _error(exc: LMKernelError, **extra: str | None) -> m.ErrorInfo:
     return m.ErrorInfo(kind=error_kind(exc), message=str(exc), **extra)
+
+
+def _internal(exc: BaseException, request: m.Request) -> m.ErrorInfo:
+    """A failure inside lmkernel while handling ``request``: reported to its sender."""
+    return m.ErrorInfo(
+        kind="server",
+        message=f"lmkernel failed handling the {type(request).__name__} request: {type(exc).__name__}: {exc}",
+        original_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        original_message=str(exc),
+    )
 
 
 class Kernel:
@@ -76,12 +89,22 @@ class Kernel:
         """Open a client connection; encoded events for it go to ``sink``."""
 
         def send(event: m.Event) -> None:
-            if not peer.closed:
-                try:
-                    sink(m.encode(event))
-                except Exception:
-                    log.exception("client sink failed; dropping its connection")
-                    self.disconnect(peer)
+            if peer.closed:
+                return
+            try:
+                frame = m.encode(event)
+            except Exception as exc:  # a value that cannot travel: that request fails, not the peer
+                log.exception("cannot encode %s for request %s", type(event).__name__, event.id)
+                frame = m.encode(m.Failed(id=event.id, error=m.ErrorInfo(
+                    kind="server", message=f"lmkernel could not encode its answer ({type(event).__name__}): "
+                                           f"{type(exc).__name__}: {exc}")))
+            try:
+                sink(frame)
+            except Exception:
+                # The sink belongs to the client's transport; if it cannot take events the
+                # connection is unusable: drop it (its predictions are cancelled).
+                log.exception("client sink failed; dropping its connection")
+                self.disconnect(peer)
 
         peer = Peer(send)
         return peer
@@ -92,7 +115,7 @@ class Kernel:
             return
         peer.closed = True
         for actor, seq_id in list(peer.predictions.values()):
-            actor.submit(("cancel", seq_id))
+            actor.submit(CancelMsg(seq_id))
 
     def receive(self, peer: Peer, frame: bytes) -> None:
         """Handle one encoded request frame from ``peer``."""
@@ -100,10 +123,21 @@ class Kernel:
             request = m.decode_request(frame)
         except msgspec.DecodeError as exc:
             log.warning("dropping a malformed request frame: %s", exc)
+            peer.send(m.Failed(id=0, error=m.ErrorInfo(kind="value", message=f"Malformed request frame: {exc}")))
             return
         self.handle(peer, request)
 
     def handle(self, peer: Peer, request: m.Request) -> None:
+        """Handle one decoded request; whatever goes wrong fails that request alone."""
+        try:
+            self._handle(peer, request)
+        except LMKernelError as exc:
+            peer.send(m.Failed(id=request.id, error=_error(exc)))
+        except Exception as exc:
+            log.exception("handling a %s request failed", type(request).__name__)
+            peer.send(m.Failed(id=request.id, error=_internal(exc, request)))
+
+    def _handle(self, peer: Peer, request: m.Request) -> None:
         match request:
             case m.Predict():
                 self._predict(peer, request)
@@ -111,39 +145,75 @@ class Kernel:
                 owned = peer.predictions.get(target)
                 if owned is not None:
                     actor, seq_id = owned
-                    actor.submit(("cancel", seq_id))
+                    actor.submit(CancelMsg(seq_id))
             case m.Load():
                 self._spawn(self._load, peer, request)
             case m.Unload(model=key):
-                self._route(peer, request.id, key, "unload")
+                if (actor := self._route(peer, request.id, key)) is not None:
+                    actor.submit(UnloadMsg(peer, request.id))
             case m.Tokenize(model=key, texts=texts):
-                self._route(peer, request.id, key, "tokenize", texts)
+                if (actor := self._route(peer, request.id, key)) is not None:
+                    actor.submit(TokenizeMsg(peer, request.id, texts))
             case m.GetInfo(model=key):
-                self._route(peer, request.id, key, "info")
+                if (actor := self._route(peer, request.id, key)) is not None:
+                    actor.submit(InfoMsg(peer, request.id))
             case m.ListLoaded():
-                infos = [a.info for a in self._actors if a.state == "ready"]
+                infos = [a.info for a in self._actors if a.state in ("ready", "reloading")]
                 peer.send(m.LoadedList(id=request.id, models=infos))
             case m.ListDownloaded():
                 self._spawn(self._list_downloaded, peer, request)
             case m.Hello():
                 peer.send(m.Welcome(id=request.id))
 
-    def _route(self, peer: Peer, request_id: int, key: str, op: str, *args: object) -> None:
-        """Hand a request to the actor of model ``key``, or answer that there is none."""
+    def _route(self, peer: Peer, request_id: int, key: str) -> ModelActor | None:
+        """The actor of model ``key``; if there is none, answer so and return ``None``."""
         actor = self._find(key)
         if actor is None:
             self._not_found(peer, request_id, key)
-        else:
-            actor.submit((op, peer, request_id, *args))
+        return actor
 
     def _spawn(self, fn, peer: Peer, request: m.Request) -> None:
+        """Run ``fn(peer, request)`` as a task; any exception fails that request, not the kernel."""
         assert self._nursery is not None, "the kernel is not serving"
-        self._nursery.start_soon(fn, peer, request)
+
+        async def guarded() -> None:
+            try:
+                await fn(peer, request)
+            except LMKernelError as exc:
+                peer.send(m.Failed(id=request.id, error=_error(exc)))
+            except Exception as exc:
+                log.exception("handling a %s request failed", type(request).__name__)
+                peer.send(m.Failed(id=request.id, error=_internal(exc, request)))
+
+        self._nursery.start_soon(guarded)
+
+    async def _catalog_call(self, fn, *args: object):
+        """Run a catalog scan in a thread, bounded in wall-clock time: a plugin's ``describe`` may hang."""
+        token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope() as scope:
+
+            def expire() -> None:
+                try:
+                    token.run_sync_soon(scope.cancel)
+                except trio.RunFinishedError:
+                    pass
+
+            timer = threading.Timer(CATALOG_TIMEOUT, expire)
+            timer.daemon = True
+            timer.start()
+            try:
+                return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+            finally:
+                timer.cancel()
+        raise LMKernelError(
+            f"Scanning the model folders took longer than {CATALOG_TIMEOUT:g} s (a backend's describe() "
+            "may be hanging; `lmkernel backends` lists them)"
+        )
 
     # ---- registry ----------------------------------------------------------------------
 
     def _find(self, key: str) -> ModelActor | None:
-        live = [a for a in self._actors if a.state in ("loading", "ready")]
+        live = [a for a in self._actors if a.live]
         for match in (
             lambda a: a.info.identifier == key,
             lambda a: a.info.model_key == key,
@@ -156,7 +226,7 @@ class Kernel:
 
     def load_summary(self) -> dict[str, object]:
         """What is loaded and how many predictions are running or waiting (for health checks)."""
-        ready = [a for a in self._actors if a.state == "ready"]
+        ready = [a for a in self._actors if a.state in ("ready", "reloading")]
         return {
             "models": [a.info.identifier for a in ready],
             "predictions": sum(len(a._runs) for a in ready),
@@ -189,7 +259,7 @@ class Kernel:
             return
         seq_id = next(seq_ids)
         peer.predictions[request.id] = (actor, seq_id)  # so a cancel right behind it finds it
-        actor.submit(("predict", peer, request.id, seq_id, request.prompt, config))
+        actor.submit(PredictMsg(peer, request.id, seq_id, request.prompt, config))
 
     @staticmethod
     def _check_supported(config: LlmPredictionConfig, actor: ModelActor) -> None:
@@ -214,6 +284,7 @@ class Kernel:
             await self._load_or_get(peer, request)
         except LMKernelError as exc:
             peer.send(m.Failed(id=request.id, error=_error(exc, model=request.model)))
+        # anything else: _spawn's guard fails the request
 
     async def _load_or_get(self, peer: Peer, request: m.Load) -> None:
         config = parse_load_config(request.config)
@@ -229,9 +300,9 @@ class Kernel:
                 self._join(actor, peer, request.id)
                 return
         if request.model is None:
-            entry = await trio.to_thread.run_sync(self.catalog.default)
+            entry = await self._catalog_call(self.catalog.default)
         else:
-            entry = await trio.to_thread.run_sync(self.catalog.resolve, request.model)
+            entry = await self._catalog_call(self.catalog.resolve, request.model)
         if not request.new_instance:
             actor = self._find(entry.key) or self._find(str(entry.path))
             if actor is not None:
@@ -255,21 +326,20 @@ class Kernel:
         await self._nursery.start(self._supervise, actor)
 
     async def _supervise(self, actor: ModelActor, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run an actor; if it crashes (a bug), unload it and keep the kernel serving."""
+        """Run an actor; if it crashes (a bug), end that model only and keep the kernel serving."""
         try:
             await actor.run(task_status=task_status)
-        except Exception:
-            log.exception("model actor %s crashed; unloading it", actor.info.identifier)
+        except Exception as exc:
             try:
-                actor.unload()
+                actor.crash(exc, "in the model actor")
             except Exception:
-                log.exception("unloading crashed actor %s failed", actor.info.identifier)
+                log.exception("ending crashed actor %s failed", actor.info.identifier)
             self._gone(actor)
 
     def _join(self, actor: ModelActor, peer: Peer, request_id: int) -> None:
         waiter = _Waiter(peer, request_id)
         waiter.progress(0.0)
-        if actor.state == "ready":
+        if actor.state in ("ready", "reloading"):
             waiter.progress(1.0)
             peer.send(m.Loaded(id=request_id, info=actor.info, already_loaded=True,
                                load_config=actor.load_config.to_dict()))
@@ -336,5 +406,5 @@ class Kernel:
             demo = self.catalog.builtin_demo()
             return self.catalog.entries() + ([demo] if demo is not None else [])
 
-        entries = await trio.to_thread.run_sync(listing)
+        entries = await self._catalog_call(listing)
         peer.send(m.DownloadedList(id=request.id, models=[e.info() for e in entries]))

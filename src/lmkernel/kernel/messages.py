@@ -182,6 +182,15 @@ class Loaded(Event, tag="loaded"):
     load_config: dict[str, Any] = {}
 
 
+class Queued(Event, tag="queued"):
+    """A prediction waits for a place in the model's batch (or for the model to load).
+
+    Nothing is wrong: a client does not time out while its request is queued on a live kernel.
+    """
+
+    position: int = 0
+
+
 class PromptProgress(Event, tag="prompt_progress"):
     progress: float
 
@@ -237,6 +246,7 @@ class Welcome(Event, tag="welcome"):
 AnyEvent = (
     LoadProgress
     | Loaded
+    | Queued
     | PromptProgress
     | FirstToken
     | Fragment

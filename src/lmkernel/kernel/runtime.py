@@ -29,9 +29,10 @@ log = logging.getLogger("lmkernel.kernel")
 class InProcessConnection:
     """A client's handle on an in-process kernel: send frames, then close once."""
 
-    def __init__(self, owner: KernelThread, peer: Peer) -> None:
+    def __init__(self, owner: KernelThread, peer: Peer, on_lost: Callable[[str], None] | None) -> None:
         self._owner = owner
         self._peer = peer
+        self._on_lost = on_lost
 
     def send(self, frame: bytes) -> None:
         """Queue one encoded request frame for the kernel (any thread, never blocks)."""
@@ -39,10 +40,15 @@ class InProcessConnection:
 
     def close(self) -> None:
         """Disconnect; the kernel cancels this connection's running predictions."""
+        self._owner._forget(self)
         try:
             self._owner.call_soon(self._owner.kernel.disconnect, self._peer)
         except LMKernelConnectionError:
             pass
+
+    def _lost(self, reason: str) -> None:
+        if self._on_lost is not None:
+            self._on_lost(reason)
 
 
 class KernelThread:
@@ -55,6 +61,9 @@ class KernelThread:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._connections: set[InProcessConnection] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
 
     def start(self) -> KernelThread:
         self._thread = threading.Thread(target=self._main, name="lmkernel-kernel", daemon=True)
@@ -73,6 +82,26 @@ class KernelThread:
         finally:
             self._token = None
             self._ready.set()
+            self._tell_connections()
+
+    def _tell_connections(self) -> None:
+        """The kernel is gone: every open connection (and so every waiting caller) hears it now."""
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        if self._stopping and self._error is None:
+            reason = "the kernel was shut down"
+        else:
+            error = self._error
+            reason = "the kernel thread ended" + (f" with {type(error).__name__}: {error}" if error else "")
+        for connection in connections:
+            try:
+                connection._lost(reason)
+            except Exception:  # one client's broken callback must not keep the others waiting
+                log.exception("telling a connection that the kernel ended failed")
+
+    def _forget(self, connection: InProcessConnection) -> None:
+        with self._lock:
+            self._connections.discard(connection)
 
     async def _serve(self) -> None:
         self.kernel = self._factory()
@@ -94,8 +123,14 @@ class KernelThread:
         except trio.RunFinishedError:
             raise LMKernelConnectionError("The lmkernel kernel is not running") from None
 
-    def connect(self, sink: Callable[[bytes], None]) -> InProcessConnection:
-        """Open a connection whose events go to ``sink`` (called on the kernel thread)."""
+    def connect(
+        self, sink: Callable[[bytes], None], on_lost: Callable[[str], None] | None = None
+    ) -> InProcessConnection:
+        """Open a connection whose events go to ``sink`` (called on the kernel thread).
+
+        ``on_lost(reason)`` is called (from the kernel thread, as it ends) if the kernel
+        stops while the connection is open.
+        """
         assert self.kernel is not None
         box: list[Peer] = []
         done = threading.Event()
@@ -108,11 +143,19 @@ class KernelThread:
             open_peer()
         else:
             self.call_soon(open_peer)
-            done.wait()
-        return InProcessConnection(self, box[0])
+            while not done.wait(0.5):
+                if not self.alive:
+                    raise LMKernelConnectionError("The lmkernel kernel is not running")
+        connection = InProcessConnection(self, box[0], on_lost)
+        with self._lock:
+            self._connections.add(connection)
+        if not self.alive:  # it ended between the two: nobody else will say so
+            self._tell_connections()
+        return connection
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Shut the kernel down (models unloaded, engine threads joined) and wait."""
+        self._stopping = True
         if self.kernel is not None and self.alive:
             try:
                 self.call_soon(self.kernel.shutdown)
@@ -136,13 +179,29 @@ def default_kernel() -> KernelThread:
         return _default
 
 
+def _join_user_threads() -> None:
+    """Wait for the program's own non-daemon threads, as the interpreter is about to.
+
+    ``threading._register_atexit`` hooks run before Python joins non-daemon threads; a
+    thread still predicting must finish its work before the kernel stops under it.
+    """
+    me = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not me and not thread.daemon and thread is not threading.main_thread() and thread.is_alive():
+            thread.join()
+
+
 def _register_exit(kernel: KernelThread) -> None:
     # Runs before daemon threads are abandoned, so engine threads end (and release their
-    # thread-bound state, e.g. MLX streams) while the interpreter is still whole.
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        register(kernel.stop)
-    else:  # pragma: no cover
+    # thread-bound state, e.g. MLX streams) while the interpreter is still whole; and after
+    # the program's own threads are done with the kernel.
+    def at_exit() -> None:
+        _join_user_threads()
+        kernel.stop()
+
+    try:
+        threading._register_atexit(at_exit)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # first used while the interpreter is shutting down
         import atexit
 
         atexit.register(kernel.stop)

@@ -15,6 +15,8 @@ import queue
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from ..errors import LMKernelConnectionError, LMKernelTimeoutError
 from ..kernel import messages as m
 
@@ -73,13 +75,19 @@ def current_waker() -> _AsyncioWaker | _TrioWaker:
 
 
 class Inbox:
-    """Events for one request, put by the kernel thread, taken by one consumer."""
+    """Events for one request, put by the kernel thread, taken by one consumer.
 
-    __slots__ = ("_queue", "waker")
+    A sync ``get`` times out only on silence of a live kernel: after a :class:`Queued`
+    event (the request waits its turn) the next ``get`` waits without a limit. If the
+    kernel or the connection dies, the connection puts a ``Failed`` here at once.
+    """
+
+    __slots__ = ("_queue", "waker", "_queued")
 
     def __init__(self, waker: _AsyncioWaker | _TrioWaker | None = None) -> None:
         self._queue: queue.SimpleQueue[m.Event] = queue.SimpleQueue()
         self.waker = waker
+        self._queued = False
 
     def put(self, event: m.Event) -> None:
         self._queue.put(event)
@@ -87,15 +95,23 @@ class Inbox:
             self.waker.wake()
 
     def get(self, timeout: float | None) -> m.Event:
-        """Block until the next event; :class:`LMKernelTimeoutError` after ``timeout`` s."""
+        """Block until the next event; :class:`LMKernelTimeoutError` after ``timeout`` s of silence.
+
+        While the request is queued behind others the wait has no limit: the kernel is
+        alive and has said so (if it dies, the connection fails this inbox at once).
+        """
+        if self._queued:
+            timeout = None
         try:
             if timeout is not None and timeout <= 0:
                 raise queue.Empty  # a zero timeout never waits for the kernel
-            return self._queue.get(timeout=timeout)
+            event = self._queue.get(timeout=timeout)
         except queue.Empty:
             raise LMKernelTimeoutError(
                 f"No answer from the kernel within {timeout} s (see lmkernel.set_sync_api_timeout)"
             ) from None
+        self._queued = isinstance(event, m.Queued)
+        return event
 
     def get_nowait(self) -> m.Event | None:
         try:
@@ -129,10 +145,12 @@ class Connection:
         self._ids = itertools.count(1)
         self._inboxes: dict[int, Inbox] = {}
         self.closed = False
+        #: Why the connection was lost (the kernel or the server went away), else ``None``.
+        self.lost: str | None = None
         if api_host is None:
             from ..kernel.runtime import default_kernel
 
-            self._transport = (kernel or default_kernel()).connect(self._feed)
+            self._transport = (kernel or default_kernel()).connect(self._feed, self._lost)
         else:
             from ._remote import SocketTransport
 
@@ -141,8 +159,7 @@ class Connection:
 
     def open(self, make: Callable[[int], m.Request], waker=None) -> tuple[int, Inbox]:
         """Send the request ``make(id)``; return its id and the inbox its events arrive in."""
-        if self.closed:
-            raise LMKernelConnectionError("This client is closed")
+        self.check_open()
         request_id = next(self._ids)
         inbox = Inbox(waker)
         self._inboxes[request_id] = inbox
@@ -154,8 +171,20 @@ class Connection:
         if not self.closed:
             self._transport.send(m.encode(make(next(self._ids))))
 
+    def check_open(self) -> None:
+        """Raise if no request can be sent: closed by the user, or lost."""
+        if self.lost is not None:
+            raise LMKernelConnectionError(f"Lost the connection to the kernel: {self.lost}")
+        if self.closed:
+            raise LMKernelConnectionError("This client is closed")
+
     def _feed(self, frame: bytes) -> None:  # kernel thread
-        event = m.decode_event(frame)
+        try:
+            event = m.decode_event(frame)
+        except msgspec.DecodeError as exc:
+            event = _undecodable(frame, exc)
+            if event is None:
+                return
         inbox = self._inboxes.get(event.id)
         if inbox is None:
             return
@@ -171,7 +200,8 @@ class Connection:
         self._transport.close()
         self._fail_all("The client was closed before the kernel answered")
 
-    def _lost(self, reason: str) -> None:  # reader thread of a socket transport
+    def _lost(self, reason: str) -> None:  # reader thread of a socket transport, or the ending kernel thread
+        self.lost = reason
         self.closed = True
         self._fail_all(f"Lost the connection to the kernel: {reason}")
 
@@ -180,3 +210,16 @@ class Connection:
         for request_id, inbox in list(self._inboxes.items()):
             inbox.put(m.Failed(id=request_id, error=error))
         self._inboxes.clear()
+
+
+def _undecodable(frame: bytes, exc: Exception) -> m.Failed | None:
+    """An event this client cannot read: fail its request (if its id can be read) with the reason."""
+    try:
+        raw = msgspec.msgpack.decode(frame)
+        request_id = raw["id"]
+        if not isinstance(request_id, int):
+            return None
+    except Exception:
+        return None
+    return m.Failed(id=request_id, error=m.ErrorInfo(
+        kind="server", message=f"The kernel sent an answer this client cannot read: {exc}"))

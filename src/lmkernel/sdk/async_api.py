@@ -12,7 +12,6 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..errors import LMKernelClientError
 from ..kernel import messages as m
 from ..kernel.config import LlmLoadModelConfig, LlmPredictionConfig
 from . import _ops
@@ -271,8 +270,8 @@ class AsyncClient:
         if self._conn is None:
             self._conn = Connection(self._host, self._token)
             weakref.finalize(self, self._conn.close)  # a dropped client lets go of its socket
-        elif self._conn.closed:
-            raise LMKernelClientError("This client is closed")
+        else:
+            self._conn.check_open()
         return self._conn
 
     async def _call(self, call: _ops.Call):

@@ -270,8 +270,8 @@ class Client:
             if self._conn is None:
                 self._conn = Connection(self._host, self._token)
                 weakref.finalize(self, self._conn.close)  # a dropped client lets go of its socket
-            elif self._conn.closed:
-                raise LMKernelClientError("This client is closed")
+            else:
+                self._conn.check_open()
             return self._conn
 
     def _call(self, call: _ops.Call):
@@ -323,7 +323,9 @@ def get_default_client(api_host: str | None = None) -> Client:
     if api_host is not None:
         configure_default_client(api_host)
     with _default_lock:
-        if _default_client is None:
+        conn = _default_client._conn if _default_client is not None else None
+        if _default_client is None or (conn is not None and conn.lost is not None):
+            # First use, or the kernel behind it is gone: a fresh client (and kernel).
             _default_client = Client(_default_host)
         return _default_client
 

@@ -1,0 +1,68 @@
+"""Checks on what a plugin hands the kernel: a malformed value is that plugin's error.
+
+The kernel trusts nothing a backend returns. Each check either returns the value in the
+shape the kernel uses or raises :class:`PluginValueError` naming the rule and the value;
+the worker treats that exactly like an exception raised by the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..plugins.contract import Engine, PromptProgress, SequenceEnd, StepEvent, Token
+
+_INT64 = 2**63
+
+
+class PluginValueError(ValueError):
+    """A plugin returned a value that breaks the backend contract."""
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_context_length(engine: object) -> int:
+    """The engine's ``context_length``: a positive integer."""
+    if not isinstance(engine, Engine):
+        raise PluginValueError(f"load() must return an Engine, got {_short(engine)}")
+    value = getattr(engine, "context_length", None)
+    if not _is_int(value) or not 0 < value < _INT64:
+        raise PluginValueError(f"Engine.context_length must be a positive integer, got {_short(value)}")
+    return value
+
+
+def check_tokens(tokens: object) -> list[int]:
+    """``tokenize()``'s answer: a list of non-negative 64-bit integers."""
+    if isinstance(tokens, str | bytes) or not isinstance(tokens, Iterable):
+        raise PluginValueError(f"tokenize() must return a list of token ids, got {_short(tokens)}")
+    out = list(tokens)
+    for token in out:
+        if not _is_int(token) or not 0 <= token < _INT64:
+            raise PluginValueError(f"tokenize() returned a token id that is not a non-negative integer: {_short(token)}")
+    return out
+
+
+def check_events(events: object, active: set[int]) -> list[StepEvent]:
+    """``step()``'s answer: a list of step events, each for a sequence the engine holds."""
+    if not isinstance(events, list | tuple):
+        raise PluginValueError(f"step() must return a list of step events, got {_short(events)}")
+    for event in events:
+        if isinstance(event, Token):
+            ok = _is_int(event.token_id) and isinstance(event.text, str)
+        elif isinstance(event, SequenceEnd):
+            ok = event.reason in ("eos", "length") and isinstance(event.text, str)
+        elif isinstance(event, PromptProgress):
+            ok = _is_int(event.processed) and _is_int(event.total) and 0 <= event.processed
+        else:
+            raise PluginValueError(f"step() returned something that is not a step event: {_short(event)}")
+        if not ok:
+            raise PluginValueError(f"step() returned a malformed event: {_short(event)}")
+        if event.seq_id not in active:
+            raise PluginValueError(f"step() returned an event for a sequence it does not hold: {_short(event)}")
+    return list(events)
