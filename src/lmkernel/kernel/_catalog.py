@@ -11,23 +11,117 @@ trained on the King James Bible (``tools/train_demo_model.py``), the default whe
 model is found, so that a fresh machine completes text in English. ``lmkernel/tiny-random-llama``
 is a tiny seeded random Llama, generated into lmkernel's cache folder on first use (noise; for
 tests and benchmarks).
+
+Nothing here raises but :class:`~lmkernel.LMKernelModelNotFoundError` (no such model) and
+:class:`~lmkernel.LMKernelValueError` (a key that cannot name anything): every filesystem
+call is guarded, and what a plugin's ``describe()`` says is checked
+(:func:`check_description`) and bounded in time (:data:`DESCRIBE_TIMEOUT`); a plugin that
+raises, hangs or answers wrongly loses its models from the listing, and is logged once.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import shutil
-from collections.abc import Iterable
+import threading
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from ..errors import LMKernelModelNotFoundError
+from ..errors import LMKernelModelNotFoundError, LMKernelValueError
 from ..plugins.contract import Backend, ModelDescription
-from .messages import LlmInfo
+from .config import INT64_MAX, show, unicode_problem
+from .messages import LlmInfo, ModelFormat
+
+T = TypeVar("T")
+log = logging.getLogger("lmkernel")
 
 BUILTIN_TINY = "lmkernel/tiny-random-llama"
 BUILTIN_DEMO = "lmkernel/kjv-demo"
+
+#: Longest key or path (UTF-8 bytes), and longest part between slashes: the limits of Linux
+#: and macOS file names (PATH_MAX, NAME_MAX); a longer key cannot name a folder.
+MAX_KEY_BYTES = 4096
+MAX_NAME_BYTES = 255
+#: Seconds one plugin ``describe()`` call may take before its backend is skipped (until the
+#: call returns, every later listing skips that backend at once).
+DESCRIBE_TIMEOUT = 10.0
+
+_FS_ERRORS = (OSError, ValueError, RuntimeError)  # file names too long, NUL bytes, unknown ~user
+_FORMATS = frozenset(typing.get_args(ModelFormat))
+
+
+class _DescribeHung(Exception):
+    """A plugin's ``describe()`` did not answer in time."""
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a plugin's exception with a broken __str__
+        text = "<unprintable>"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _guarded(call: Callable[[], T], default: T) -> T:
+    """Run a filesystem call; any filesystem error gives ``default``."""
+    try:
+        return call()
+    except _FS_ERRORS:
+        return default
+
+
+def check_key(key: Any) -> str:
+    """Return ``key`` if it can name a model; raise a value or not-found error that says why not."""
+    if not isinstance(key, str):
+        raise LMKernelValueError(f"A model key must be a string, got {type(key).__name__}: {show(key)}")
+    if not key:
+        raise LMKernelValueError("A model key must be a non-empty string, got ''")
+    if "\0" in key:
+        raise LMKernelValueError(f"A model key cannot contain a NUL character, got {show(key)}")
+    if (problem := unicode_problem(key)) is not None:
+        raise LMKernelValueError(f"A model key must be valid Unicode text, got {show(key)} ({problem})")
+    size = len(key.encode())
+    longest = max(len(part.encode()) for part in key.split("/"))
+    if size > MAX_KEY_BYTES or longest > MAX_NAME_BYTES:
+        raise LMKernelModelNotFoundError(
+            f"No model matches the key {show(key)}: a model key or path is at most {MAX_KEY_BYTES} bytes"
+            f" with at most {MAX_NAME_BYTES} bytes between slashes (this one: {size} bytes, longest part {longest})"
+        )
+    return key
+
+
+def check_description(backend_name: str, desc: Any) -> ModelDescription:
+    """Return ``desc`` if it is a well-formed :class:`ModelDescription`; raise ``LMKernelValueError`` if not.
+
+    What a plugin's ``describe()`` returns crosses into the protocol (``LlmInfo``): a wrong
+    value there is that plugin's error, named with the rule and the value.
+    """
+
+    def bad(what: str) -> LMKernelValueError:
+        return LMKernelValueError(f"Backend {backend_name!r} returned an invalid model description: {what}")
+
+    if not isinstance(desc, ModelDescription):
+        raise bad(f"describe() must return a ModelDescription or None, got {type(desc).__name__}: {show(desc)}")
+    if desc.format not in _FORMATS:
+        raise bad(f"format must be one of {', '.join(sorted(_FORMATS))}, got {show(desc.format)}")
+    for name, low in (("max_context_length", 1), ("size_bytes", 0)):
+        value = getattr(desc, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
+            raise bad(f"{name} must be an integer from {low} to 2**63-1, got {show(value)}")
+    for name in ("architecture", "params_string", "display_name"):
+        value = getattr(desc, name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise bad(f"{name} must be a string or None, got {type(value).__name__}: {show(value)}")
+        if (problem := unicode_problem(value)) is not None:
+            raise bad(f"{name} must be valid Unicode text, got {show(value)} ({problem})")
+    return desc
 
 
 def demo_model_path() -> Path:
@@ -43,10 +137,16 @@ def cache_dir() -> Path:
 
 def model_roots() -> list[tuple[Path, str]]:
     """The folders searched for models, each with its layout (``"plain"`` or ``"hf-cache"``)."""
-    roots = [(Path(p).expanduser(), "plain") for p in os.environ.get("LMKERNEL_MODELS", "").split(os.pathsep) if p]
+    roots = [
+        (_guarded(Path(p).expanduser, Path(p)), "plain")
+        for p in os.environ.get("LMKERNEL_MODELS", "").split(os.pathsep)
+        if p
+    ]
     if os.environ.get("LMKERNEL_NO_DEFAULT_FOLDERS", "") not in ("", "0"):
         return roots
-    home = Path.home()
+    home = _guarded(Path.home, None)
+    if home is None:  # no home folder: only the folders named in the environment
+        return roots
     roots += [(home / ".lmstudio" / "models", "plain"), (home / ".cache" / "lm-studio" / "models", "plain")]
     hf_hub = os.environ.get("HF_HUB_CACHE") or (
         Path(os.environ["HF_HOME"]) / "hub" if "HF_HOME" in os.environ else home / ".cache" / "huggingface" / "hub"
@@ -77,62 +177,157 @@ class CatalogEntry:
         )
 
 
+def _subdirs(folder: Path) -> list[Path]:
+    """The visible subfolders of ``folder``, sorted; unreadable ones are left out."""
+
+    def listing() -> list[Path]:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and _guarded(p.is_dir, False))
+
+    return _guarded(listing, [])
+
+
+def _mtime(path: Path) -> float:
+    return _guarded(lambda: path.stat().st_mtime, 0.0)
+
+
 def _candidates(root: Path, layout: str) -> Iterable[tuple[str, Path]]:
-    if not root.is_dir():
+    if not _guarded(root.is_dir, False):
         return
     if layout == "hf-cache":
-        for repo in sorted(root.glob("models--*")):
-            snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
+        for repo in _guarded(lambda: sorted(root.glob("models--*")), []):
+            snapshots = sorted(_subdirs(repo / "snapshots"), key=_mtime)
             if snapshots:
                 yield repo.name.removeprefix("models--").replace("--", "/"), snapshots[-1]
         return
     # LM Studio and most users lay models out as publisher/name/ or name/.
-    for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for child in _subdirs(root):
         yield child.name, child
-        for grandchild in sorted(p for p in child.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for grandchild in _subdirs(child):
             yield f"{child.name}/{grandchild.name}", grandchild
 
 
-class Catalog:
-    """Scans the model folders (on every call: folders change while a program runs)."""
+def _existing_folder(key: str) -> Path | None:
+    """The folder ``key`` names as a path (``~`` expanded, resolved), or ``None``."""
+    path = _guarded(Path(key).expanduser, Path(key))  # "~nosuchuser/x" stays as written
+    if not _guarded(path.is_dir, False):
+        return None
+    return _guarded(path.resolve, None)
 
-    def __init__(self, backends: list[Backend], roots: list[tuple[Path, str]] | None = None) -> None:
+
+class Catalog:
+    """Scans the model folders (on every call: folders change while a program runs).
+
+    Methods run on worker threads, possibly several at once; ``describe_timeout`` bounds each
+    plugin ``describe()`` call (default :data:`DESCRIBE_TIMEOUT`; ``0``: call it directly).
+    """
+
+    def __init__(
+        self,
+        backends: list[Backend],
+        roots: list[tuple[Path, str]] | None = None,
+        describe_timeout: float | None = None,
+    ) -> None:
         self._backends = backends
         self._roots = roots
+        self._timeout = describe_timeout
+        self._hung: dict[str, threading.Thread] = {}  # backend name -> its describe() still running
+        self._logged: set[tuple[str, str]] = set()
 
-    def describe(self, key: str, path: Path) -> CatalogEntry | None:
+    def _warn_once(self, backend: str, message: str) -> None:
+        if (backend, message) not in self._logged:
+            self._logged.add((backend, message))
+            log.warning("%s", message)
+
+    def _call_describe(self, backend: Backend, path: Path) -> Any:
+        """Call ``backend.describe(path)`` on a helper thread, waiting at most the timeout."""
+        timeout = DESCRIBE_TIMEOUT if self._timeout is None else self._timeout
+        if timeout <= 0:
+            return backend.describe(path)
+        hung = self._hung.get(backend.name)
+        if hung is not None:
+            if hung.is_alive():
+                raise _DescribeHung("an earlier describe() call has not returned yet")
+            self._hung.pop(backend.name, None)
+        answer: list[Any] = []
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                answer.append((True, backend.describe(path)))
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+                answer.append((False, exc))
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=call, name=f"lmkernel-describe-{backend.name}", daemon=True)
+        thread.start()
+        if not done.wait(timeout):
+            self._hung[backend.name] = thread
+            raise _DescribeHung(f"describe() did not answer within {timeout:g} s")
+        ok, value = answer[0]
+        if ok:
+            return value
+        if isinstance(value, Exception):
+            raise value
+        raise RuntimeError(f"describe() raised {type(value).__name__}: {_text(value)}")
+
+    def _describe(self, key: str, path: Path, problems: list[str] | None = None) -> CatalogEntry | None:
         descriptions = {}
         for backend in self._backends:
+            name = getattr(backend, "name", type(backend).__name__)
             try:
-                desc = backend.describe(path)
-            except Exception:  # a plugin's describe must not break listing
-                desc = None
-            if desc is not None:
-                descriptions[backend.name] = desc
+                desc = self._call_describe(backend, path)
+                if desc is not None:
+                    descriptions[name] = check_description(name, desc)
+            except Exception as exc:  # noqa: BLE001 - a plugin's describe must not break listing
+                if isinstance(exc, LMKernelValueError):
+                    message = f"{exc} (for the folder {str(path)!r}); its description is skipped"
+                elif isinstance(exc, _DescribeHung):
+                    message = f"Backend {name!r} is skipped while listing models: {exc}"
+                else:
+                    message = f"Backend {name!r} failed to describe {str(path)!r}: {type(exc).__name__}: {_text(exc)}"
+                self._warn_once(name, message)
+                if problems is not None:
+                    problems.append(message)
         return CatalogEntry(key, path, descriptions) if descriptions else None
+
+    def describe(self, key: str, path: Path) -> CatalogEntry | None:
+        """The entry for the folder ``path`` under ``key``, or ``None`` when no backend accepts it."""
+        return self._describe(key, path)
 
     def entries(self) -> list[CatalogEntry]:
         """Every model folder a known backend accepts, first root first."""
         seen: dict[str, CatalogEntry] = {}
         for root, layout in self._roots if self._roots is not None else model_roots():
             for key, path in _candidates(root, layout):
-                if key not in seen and (entry := self.describe(key, path)) is not None:
+                if key in seen:
+                    continue
+                if unicode_problem(key) is not None or unicode_problem(str(path)) is not None:
+                    self._warn_once("", f"Skipped the model folder {str(path)!r}: its name is not valid Unicode")
+                    continue
+                if (entry := self._describe(key, path)) is not None:
                     seen[key] = entry
         return list(seen.values())
 
     def resolve(self, key: str) -> CatalogEntry:
-        """Find the model ``key`` names; raise a not-found error listing what exists."""
-        path = Path(key).expanduser()
-        if path.is_dir():
-            path = path.resolve()
-            known = next((e for e in self.entries() if e.path.resolve() == path), None)
+        """Find the model ``key`` names; raise a not-found error listing what exists.
+
+        Raises only :class:`~lmkernel.LMKernelModelNotFoundError` and, for a key that cannot
+        name anything (empty, NUL, not valid Unicode), :class:`~lmkernel.LMKernelValueError`.
+        """
+        check_key(key)
+        path = _existing_folder(key)
+        if path is not None:
+            known = next((e for e in self.entries() if _guarded(e.path.resolve, e.path) == path), None)
             if known is not None:  # a folder in the model folders keeps its key
                 return known
-            entry = self.describe(path.name, path)
+            problems: list[str] = []
+            entry = self._describe(path.name, path, problems)
             if entry is None:
+                why = f" ({'; '.join(problems)})" if problems else ""
                 raise LMKernelModelNotFoundError(
                     f"No backend can load the folder {str(path)!r}: "
-                    "it needs a config.json and weights in a format a backend reads"
+                    f"it needs a config.json and weights in a format a backend reads{why}"
                 )
             return entry
         if key == BUILTIN_TINY:
@@ -147,26 +342,31 @@ class Catalog:
         if len(by_name) == 1:
             return by_name[0]
         keys = [e.key for e in entries] + [BUILTIN_DEMO, BUILTIN_TINY]
-        close = difflib.get_close_matches(key, keys, n=1)
+        close = difflib.get_close_matches(key, keys, n=1) if len(key) <= 200 else []
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise LMKernelModelNotFoundError(
-            f"No model matches the key {key!r}.{hint} Available: {', '.join(keys)}"
+            f"No model matches the key {show(key)}.{hint} Available: {', '.join(keys)}"
             " (folders searched: LMKERNEL_MODELS, LM Studio's models folder, the Hugging Face cache;"
             " a path to a model folder works too)"
         )
 
     def builtin_tiny(self) -> CatalogEntry:
         """The built-in tiny random model, generated on first use."""
-        path = cache_dir() / "models" / BUILTIN_TINY
-        if not (path / "config.json").exists():
-            from ..testing import build_tiny_llama
+        try:
+            path = cache_dir() / "models" / BUILTIN_TINY
+            if not (path / "config.json").exists():
+                from ..testing import build_tiny_llama
 
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            build_tiny_llama(tmp)
-            try:
-                tmp.replace(path)
-            except OSError:  # another process built it first
-                shutil.rmtree(tmp, ignore_errors=True)
+                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+                build_tiny_llama(tmp)
+                try:
+                    tmp.replace(path)
+                except OSError:  # another process built it first
+                    shutil.rmtree(tmp, ignore_errors=True)
+        except Exception as exc:  # noqa: BLE001 - no cache folder, a full disk: the model is not there
+            raise LMKernelModelNotFoundError(
+                f"The built-in model {BUILTIN_TINY!r} could not be built: {type(exc).__name__}: {exc}"
+            ) from None
         entry = self.describe(BUILTIN_TINY, path)
         if entry is None:
             raise LMKernelModelNotFoundError(f"No available backend can load the built-in model {BUILTIN_TINY!r}")
@@ -175,7 +375,7 @@ class Catalog:
     def builtin_demo(self) -> CatalogEntry | None:
         """The demo model shipped with the package, if this installation has it."""
         path = demo_model_path()
-        if not (path / "config.json").exists():
+        if not _guarded((path / "config.json").exists, False):
             return None
         return self.describe(BUILTIN_DEMO, path)
 

@@ -8,6 +8,7 @@ progress, and how to read the terminal event. The sync facade runs a call with
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -20,7 +21,14 @@ from ..errors import (
     error_from_info,
 )
 from ..kernel import messages as m
-from ..kernel.config import LlmLoadModelConfig, parse_load_config, parse_prediction_config
+from ..kernel.config import (
+    INT64_MAX,
+    LlmLoadModelConfig,
+    parse_load_config,
+    parse_prediction_config,
+    show,
+    unicode_problem,
+)
 from ._connection import Connection, current_waker
 
 T = TypeVar("T")
@@ -66,6 +74,37 @@ async def run_async(connection: Connection, call: Call[T]) -> T:
     return call.parse(event)
 
 
+# ---- argument checks (before anything is encoded: the wire takes only valid values) ------
+
+
+def check_text(value: Any, what: str, *, empty: bool = True) -> str:
+    """Return ``value`` if it is a string of valid Unicode; raise ``LMKernelValueError`` naming ``what``."""
+    if not isinstance(value, str):
+        raise LMKernelValueError(f"{what} must be a string, got {type(value).__name__}: {show(value)}")
+    if not empty and not value:
+        raise LMKernelValueError(f"{what} must be a non-empty string, got ''")
+    if (problem := unicode_problem(value)) is not None:
+        raise LMKernelValueError(f"{what} must be valid Unicode text, got {show(value)} ({problem})")
+    return value
+
+
+def check_ttl(ttl: Any) -> None:
+    """Refuse a ``ttl`` that is not a positive, finite number of seconds (or ``None``)."""
+    if ttl is None:
+        return
+    ok = (
+        not isinstance(ttl, bool)
+        and isinstance(ttl, int | float)
+        and (math.isfinite(ttl) if isinstance(ttl, float) else ttl <= INT64_MAX)
+        and ttl > 0
+    )
+    if not ok:
+        raise LMKernelValueError(
+            f"ttl must be a positive number of seconds or None, got {show(ttl)}"
+            " (finite, at most 2**63-1; None: never unload for idleness)"
+        )
+
+
 # ---- operations ----------------------------------------------------------------------
 
 
@@ -79,10 +118,11 @@ def load(
     on_progress: Callable[[float], Any] | None = None,
 ) -> Call[str]:
     """Get or load a model; the answer is the instance identifier."""
-    if key is not None and not isinstance(key, str):
-        raise LMKernelValueError(f"A model key must be a string, got {type(key).__name__}: {key!r}")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0):
-        raise LMKernelValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+    if key is not None:
+        check_text(key, "A model key", empty=False)
+    if identifier is not None:
+        check_text(identifier, "An instance identifier", empty=False)
+    check_ttl(ttl)
     settings = parse_load_config(config).to_dict()
     return Call(
         lambda i: m.Load(id=i, model=key, identifier=identifier, ttl=ttl, config=settings, new_instance=new_instance),
@@ -100,19 +140,27 @@ def list_downloaded() -> Call[list[m.LlmInfo]]:
 
 
 def unload(identifier: str) -> Call[None]:
+    check_text(identifier, "A model identifier")
     return Call(lambda i: m.Unload(id=i, model=identifier), lambda ev: expect(ev, m.Done) and None)
 
 
 def get_info(identifier: str) -> Call[m.InstanceInfo]:
+    check_text(identifier, "A model identifier")
     return Call(lambda i: m.GetInfo(id=i, model=identifier), lambda ev: expect(ev, m.InstanceInfo))
 
 
 def tokenize(identifier: str, text: str | Iterable[str]) -> Call[list[int] | list[list[int]]]:
     """Tokenize one string (a list of ids) or several (a list of lists)."""
+    check_text(identifier, "A model identifier")
     single = isinstance(text, str)
-    texts = [text] if single else list(text)
+    try:
+        texts = [text] if single else list(text)
+    except TypeError:
+        texts = [None]
     if not all(isinstance(t, str) for t in texts):
-        raise LMKernelValueError(f"tokenize() takes a string or an iterable of strings, got {text!r}")
+        raise LMKernelValueError(f"tokenize() takes a string or an iterable of strings, got {show(text)}")
+    for i, t in enumerate(texts):
+        check_text(t, "The text to tokenize" if single else f"Text {i} to tokenize")
 
     def parse(ev: m.Event) -> list[int] | list[list[int]]:
         tokens = expect(ev, m.TokenLists).tokens
@@ -135,8 +183,8 @@ def prepare_prediction(
 
 def predict_request(identifier: str, prompt: str, config: Any) -> Callable[[int], m.Predict]:
     """Validate ``config`` now (before any compute) and build the request factory."""
-    if not isinstance(prompt, str):
-        raise LMKernelValueError(f"The prompt must be a string, got {type(prompt).__name__}: {prompt!r}")
+    check_text(identifier, "A model identifier")
+    check_text(prompt, "The prompt")
     settings = parse_prediction_config(config).to_dict()
     return lambda i: m.Predict(id=i, model=identifier, prompt=prompt, config=settings)
 
