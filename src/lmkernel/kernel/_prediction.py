@@ -15,7 +15,7 @@ from typing import Any
 from .._struct import PublicStruct
 from ..plugins.contract import Sampling
 from ._stops import StopMatcher
-from .config import LlmPredictionConfig
+from .config import KERNEL_PREDICTION_KEYS, LlmPredictionConfig
 from .messages import (
     ErrorInfo,
     Event,
@@ -33,8 +33,19 @@ from .messages import (
 DEFAULT_SAMPLING = Sampling(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1)
 
 
-def sampling_from_config(config: LlmPredictionConfig) -> Sampling:
-    """Map LM Studio's sampling keys onto the engine's :class:`Sampling` (False = off)."""
+# The keys sampling_from_config maps onto Sampling's own fields.
+SAMPLING_KEYS = frozenset({"temperature", "topKSampling", "topPSampling", "minPSampling", "repeatPenalty"})
+
+
+def sampling_from_config(config: LlmPredictionConfig, declared: frozenset[str] = frozenset()) -> Sampling:
+    """Map LM Studio's sampling keys onto the engine's :class:`Sampling` (False = off).
+
+    ``declared`` is the backend's :attr:`~lmkernel.plugins.Backend.prediction_keys`: every
+    key of ``config`` it names that is neither a :class:`Sampling` field nor the kernel's own
+    (``maxTokens``, ``stopStrings``, ``contextOverflowPolicy``) reaches the engine in
+    ``Sampling.extra``. ``config`` is validated (finite numbers, ``topKSampling`` a whole
+    number up to 2**31-1).
+    """
     d = DEFAULT_SAMPLING
 
     def pick(value: Any, default: float, off: float) -> float:
@@ -43,12 +54,15 @@ def sampling_from_config(config: LlmPredictionConfig) -> Sampling:
         return off if value is False else float(value)
 
     top_k = config.top_k_sampling
+    passed = declared - SAMPLING_KEYS - KERNEL_PREDICTION_KEYS
+    extra = {k: v for k, v in config.to_dict().items() if k in passed} if passed else {}
     return Sampling(
         temperature=d.temperature if config.temperature is None else config.temperature,
         top_k=d.top_k if top_k is None else max(0, int(top_k)),
         top_p=pick(config.top_p_sampling, d.top_p, 1.0),
         min_p=pick(config.min_p_sampling, d.min_p, 0.0),
         repeat_penalty=pick(config.repeat_penalty, d.repeat_penalty, 1.0),
+        extra=extra,
     )
 
 

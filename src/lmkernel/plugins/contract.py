@@ -26,6 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 __all__ = [
@@ -53,7 +54,13 @@ class Availability:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelDescription:
-    """What a backend reads from a model folder it accepts, without loading weights."""
+    """What a backend reads from a model folder it accepts, without loading weights.
+
+    The kernel checks it before it lists the model: ``format`` one of the protocol's model
+    formats (``safetensors``, ``gguf``, ``exl2`` ...), ``max_context_length`` an integer >= 1,
+    ``size_bytes`` an integer >= 0, the strings valid Unicode. A description that breaks a
+    rule is skipped and logged as the backend's error.
+    """
 
     architecture: str | None
     format: str
@@ -84,7 +91,11 @@ class LoadOptions:
 class Sampling:
     """Sampling settings of one sequence. Neutral values switch a sampler off.
 
-    ``temperature`` 0 means greedy (argmax) and every other setting is ignored.
+    ``temperature`` 0 means greedy (argmax) and every other setting is ignored. ``top_k``
+    is at most 2**31-1 and may exceed the vocabulary (then it is off: an engine clamps it).
+    ``extra`` holds the other prediction-config keys (camelCase, validated values) that the
+    backend declared in :attr:`Backend.prediction_keys`; it is read-only, and left out of
+    the hash.
     """
 
     temperature: float = 0.8
@@ -92,6 +103,11 @@ class Sampling:
     top_p: float = 1.0
     min_p: float = 0.0
     repeat_penalty: float = 1.0
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.extra, MappingProxyType):
+            object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
 
     @property
     def greedy(self) -> bool:

@@ -79,6 +79,9 @@ class ExLlamaV2Engine(Engine):
         settings = self._lib["Sampler"].Settings()
         for name, value in sampler_fields(sampling).items():
             setattr(settings, name, value)
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if isinstance(vocab, int) and vocab > 0 and settings.top_k >= vocab:
+            settings.top_k = 0  # a top-k as large as the vocabulary keeps every token: off
         torch = self._lib["torch"]
         job = self._lib["Job"](
             input_ids=torch.tensor([list(prompt_tokens)], dtype=torch.long),

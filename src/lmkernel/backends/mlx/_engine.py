@@ -37,6 +37,13 @@ DEFAULT_MAX_BATCH = 16
 REPEAT_CONTEXT = 64  # tokens the repeat penalty looks back over (LM Studio's default)
 
 
+def _vocab_bound(model: nn.Module, tokenizer) -> int:
+    """The smallest vocabulary size the model or tokenizer states (a bound on the logits' width)."""
+    sizes = [getattr(getattr(model, "args", None), "vocab_size", None), getattr(tokenizer, "vocab_size", None)]
+    sizes = [n for n in sizes if isinstance(n, int) and n > 0]
+    return min(sizes) if sizes else 2**31
+
+
 @dataclass(eq=False)
 class _Sequence:
     seq_id: int
@@ -76,8 +83,10 @@ class MLXEngine(Engine):
         sampler = None  # None: the batch's shared greedy sampler, one batched argmax
         processors: list = []
         if not sampling.greedy:
+            # mlx-lm takes 0 < top_k < vocabulary; a top-k as large as the vocabulary keeps every token: off.
+            top_k = 0 if sampling.top_k >= _vocab_bound(self.model, self.tokenizer) else sampling.top_k
             sampler = make_sampler(
-                temp=sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p, top_k=sampling.top_k
+                temp=sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p, top_k=top_k
             )
             if sampling.repeat_penalty != 1.0:
                 processors = [make_repetition_penalty(sampling.repeat_penalty, REPEAT_CONTEXT)]
