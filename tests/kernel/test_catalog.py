@@ -25,7 +25,7 @@ from lmkernel.testing import build_tiny_llama
 
 from ..conftest import TINY
 
-GOOD = dict(architecture="llama", format="safetensors", max_context_length=128, size_bytes=10)
+GOOD = {"architecture": "llama", "format": "safetensors", "max_context_length": 128, "size_bytes": 10}
 
 
 class DescribeFault(Backend):
@@ -73,8 +73,8 @@ def catalog(models_dir) -> Catalog:
     ("key", "error", "message"),
     [
         ("y" * 300, lms.LMKernelModelNotFoundError,
-         "No model matches the key 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy...yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy': a model key or"
-         " path is at most 4096 bytes with at most 255 bytes between slashes (this one: 300 bytes, longest part 300)"),
+         ("No model matches the key 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy...yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy': a model key or"
+          " path is at most 4096 bytes with at most 255 bytes between slashes (this one: 300 bytes, longest part 300)")),
         ("a/" + "é" * 128, lms.LMKernelModelNotFoundError, "No model matches the key 'a/ééé"),
         ("/x" * 2100, lms.LMKernelModelNotFoundError, "No model matches the key '/x/x/x"),
         ("~nosuchuser/x", lms.LMKernelModelNotFoundError,

@@ -13,8 +13,17 @@ import pytest
 
 import lmkernel as lms
 from lmkernel.kernel import messages as m
-from lmkernel.kernel._prediction import DEFAULT_SAMPLING, effective_config, sampling_from_config
-from lmkernel.kernel.config import MAX_NESTING, parse_load_config, parse_prediction_config, wire_problem
+from lmkernel.kernel._prediction import (
+    DEFAULT_SAMPLING,
+    effective_config,
+    sampling_from_config,
+)
+from lmkernel.kernel.config import (
+    MAX_NESTING,
+    parse_load_config,
+    parse_prediction_config,
+    wire_problem,
+)
 from lmkernel.plugins.contract import Sampling
 
 from ..conftest import TINY
@@ -266,8 +275,8 @@ def test_sdk_refuses_invalid_text_before_encoding(tiny_model, call, message):
     ("key", "error", "message"),
     [
         ("y" * 300, lms.LMKernelModelNotFoundError,
-         "No model matches the key 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy...yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy': a model key"
-         " or path is at most 4096 bytes with at most 255 bytes between slashes (this one: 300 bytes, longest part 300)"),
+         ("No model matches the key 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy...yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy': a model key"
+          " or path is at most 4096 bytes with at most 255 bytes between slashes (this one: 300 bytes, longest part 300)")),
         ("~nosuchuser/x", lms.LMKernelModelNotFoundError, "No model matches the key '~nosuchuser/x'. Available: aa/tiny"),
         ("a\0b", lms.LMKernelValueError, "A model key cannot contain a NUL character, got 'a\\x00b'"),
     ],

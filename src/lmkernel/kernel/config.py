@@ -142,7 +142,7 @@ def show(value: Any) -> str:
     """Return a short, always printable ``repr`` of ``value`` for an error message."""
     try:
         return _short.repr(value)
-    except Exception:  # an int too long to print, a repr that raises
+    except Exception:  # noqa: BLE001 - an int too long to print, a repr that raises
         if isinstance(value, int):
             return f"<an integer of {value.bit_length()} bits>"
         return f"<a {type(value).__name__}>"
