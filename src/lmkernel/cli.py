@@ -118,11 +118,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     import trio
 
-    from .kernel.serve import ServeConfig, serve
+    from .kernel.serve import ServeConfig, ServeError, serve
 
     api_key = args.api_key or os.environ.get("LMKERNEL_API_KEY") or None
-    config = ServeConfig(host=args.host, port=args.port, models=args.model, api_key=api_key,
-                         allow_remote=args.allow_remote)
+    config = ServeConfig(
+        host=args.host, port=args.port, models=args.model, api_key=api_key, allow_remote=args.allow_remote,
+        any_model=args.any_model, allow_unload=args.allow_unload, max_models=args.max_models,
+        max_connections=args.max_connections, header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout, idle_timeout=args.idle_timeout,
+    )
     if not api_key and not args.allow_remote and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lmkernel serve: listening on {args.host} without --api-key: connections from other hosts "
               "are refused (use --api-key, or --allow-remote to accept them)", file=sys.stderr)
@@ -130,7 +134,11 @@ def _serve(args: argparse.Namespace) -> int:
     def report(line: str) -> None:
         print(line, flush=True)
 
-    trio.run(lambda: serve(config, report=report))
+    try:
+        trio.run(lambda: serve(config, report=report))
+    except ServeError as exc:
+        print(f"lmkernel serve: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -155,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require this token (default: LMKERNEL_API_KEY)")
     serve.add_argument("--allow-remote", action="store_true",
                        help="accept connections from other hosts without an API key")
+    serve.add_argument("--any-model", action="store_true",
+                       help="let callers load any model of this machine's catalog (default: only --model ones; "
+                            "never a filesystem path)")
+    serve.add_argument("--allow-unload", action="store_true", help="let callers unload the --model models")
+    serve.add_argument("--max-models", type=int, default=4, help="models loaded at once (default: 4)")
+    serve.add_argument("--max-connections", type=int, default=256,
+                       help="connections held at once; idle ones give way to new ones (default: 256)")
+    serve.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="for a request head or native handshake to arrive (default: 10)")
+    serve.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="for a request body or native frame to arrive once begun (default: 30)")
+    serve.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="before an idle keep-alive or native connection, or a client that does not "
+                            "read, is closed (default: 60)")
     serve.set_defaults(run=_serve)
 
     sub.add_parser("models", help="list the models found on this machine").set_defaults(run=_models)

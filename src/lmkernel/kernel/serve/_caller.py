@@ -11,23 +11,40 @@ import trio
 from .. import messages as m
 from .._kernel import Kernel
 
+MAX_QUEUED_EVENTS = 4096  # events of one request waiting for a reader that does not keep up
+
 
 class KernelCaller:
-    """Send requests through the real protocol and receive their events on trio channels."""
+    """Send requests through the real protocol and receive their events on trio channels.
 
-    def __init__(self, kernel: Kernel) -> None:
+    The kernel's sink never blocks: events wait in a channel per request. When a request has
+    more than ``max_queued`` events waiting (its reader is stuck, e.g. on a client that does not
+    read), ``on_overflow`` is called once and that request's further events are dropped: the
+    owner must then close this caller (which cancels its predictions). Without ``on_overflow``
+    the channels are unbounded (for the server's own short requests).
+    """
+
+    def __init__(self, kernel: Kernel, on_overflow: Callable[[], None] | None = None,
+                 max_queued: int = MAX_QUEUED_EVENTS) -> None:
         self._kernel = kernel
         self._ids = itertools.count(1)
         self._channels: dict[int, trio.MemorySendChannel] = {}
+        self._on_overflow = on_overflow
+        self._max_queued = max_queued
+        self.overflowed = False
         self._peer = kernel.connect(self._sink)
 
-    def _sink(self, frame: bytes) -> None:
+    def _sink(self, frame: bytes) -> None:  # the kernel's loop: must not block or raise
         event = m.decode_event(frame)
         channel = self._channels.get(event.id)
-        if channel is None:
+        if channel is None or self.overflowed:
             return
         if m.is_terminal(event):
             del self._channels[event.id]
+        elif self._on_overflow is not None and channel.statistics().current_buffer_used >= self._max_queued:
+            self.overflowed = True
+            self._on_overflow()
+            return
         channel.send_nowait(event)
 
     def open(self, make: Callable[[int], m.Request]) -> tuple[int, trio.MemoryReceiveChannel]:

@@ -4,17 +4,26 @@ HTTP/1.1 with keep-alive, parsed by ``h11``. ``/v1/completions`` takes the legac
 completions body (``model``, ``prompt``, ``max_tokens``, ``temperature``, ``top_p``, ``stop``,
 ``stream``, ``stream_options.include_usage``); a field lmkernel cannot honour, or does not
 know, is a 400 naming the field, never silently ignored. Streams are server-sent events
-ending in ``data: [DONE]``. A client that goes away mid-stream has its generation cancelled.
-Defaults are OpenAI's: 16 tokens, temperature 1, top-p 1, no other sampler.
+ending in ``data: [DONE]``. A client that goes away (the socket ends, mid-stream or while a
+whole answer is being generated) has its generation cancelled. Defaults are OpenAI's: 16
+tokens, temperature 1, top-p 1, no other sampler.
+
+Every malformed input gets an answer: 400 (bad JSON, bad field, malformed HTTP), 408 (head
+or body too slow), 413 (body too large), 431 (head too large). ``model`` goes through the
+server's model policy (:mod:`._policy`).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import math
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
 
 import h11
 import msgspec
@@ -23,10 +32,17 @@ import trio
 from .. import messages as m
 from .._kernel import Kernel
 from ._caller import KernelCaller
+from ._limits import Slot, send_all
+from ._policy import ModelPolicy, PolicyError
+
+if TYPE_CHECKING:
+    from . import ServeConfig
 
 log = logging.getLogger("lmkernel.serve")
 
 MAX_BODY = 4 * 1024 * 1024
+MAX_HEAD = 64 * 1024
+INT64_MAX = 2**63 - 1
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -54,12 +70,13 @@ class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 _STATUS = {"model_not_found": 404, "config": 400, "unsupported_config": 400, "value": 400,
@@ -67,13 +84,30 @@ _STATUS = {"model_not_found": 404, "config": 400, "unsupported_config": 400, "va
 _FINISH = {"maxPredictedTokensReached": "length", "contextLengthReached": "length"}
 
 
+def raw_response(error: HttpError, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A whole HTTP/1.1 error response that closes the connection, outside h11's state machine."""
+    body = json.dumps(error.body()).encode()
+    headers = [("content-type", "application/json"), ("content-length", str(len(body))),
+               ("connection", "close"), *extra]
+    head = f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers)
+    return head.encode("latin-1") + b"\r\n" + body
+
+
 def _param_from(message: str) -> str | None:
     for marker in ("unknown field `", "missing required field `"):
         if marker in message:
             return message.split(marker, 1)[1].split("`", 1)[0]
     if "at `$." in message:
-        return message.split("at `$.", 1)[1].rstrip("`").split("[", 1)[0]
+        return message.split("at `$.", 1)[1].rstrip("`").split("[", 1)[0].split(".", 1)[0]
     return None
+
+
+def _number(value: object) -> str:
+    """A value for an error message, short however large a number it is."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 def parse_completion(body: bytes) -> CompletionRequest:
@@ -93,10 +127,17 @@ def parse_completion(body: bytes) -> CompletionRequest:
     for field, refused in refusals.items():
         if refused:
             raise HttpError(400, f"'{field}' is not supported by lmkernel's completions endpoint "
-                                 f"(got {getattr(request, field)!r})", field)
+                                 f"(got {_number(getattr(request, field))})", field)
     if isinstance(request.prompt, list) and len(request.prompt) != 1:
         raise HttpError(400, f"'prompt' must be a string or a list of one string, got {len(request.prompt)} strings",
                         "prompt")
+    if request.max_tokens is not None and not 1 <= request.max_tokens <= INT64_MAX:
+        raise HttpError(400, f"'max_tokens' must be an integer from 1 to {INT64_MAX} (or null: no limit), "
+                             f"got {_number(request.max_tokens)}", "max_tokens")
+    for field in ("temperature", "top_p"):
+        value = getattr(request, field)
+        if value is not None and not math.isfinite(value):
+            raise HttpError(400, f"'{field}' must be a finite number, got {value!r}", field)
     return request
 
 
@@ -115,79 +156,163 @@ def prediction_config(request: CompletionRequest) -> dict[str, Any]:
     return config
 
 
+class _Timeout(Exception):
+    pass
+
+
 class OpenAIHandler:
     """Serves the HTTP side of one connection (keep-alive: several requests in a row)."""
 
-    def __init__(self, stream: trio.SocketStream, kernel: Kernel, token: str | None) -> None:
-        self.stream = stream
-        self.kernel = kernel
-        self.token = token
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+    def __init__(self, stream: trio.SocketStream, kernel: Kernel, config: ServeConfig, policy: ModelPolicy,
+                 slot: Slot) -> None:
+        self.stream, self.kernel, self.config, self.policy, self.slot = stream, kernel, config, policy, slot
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._gone = False
 
-    async def _next(self):
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await self.stream.receive_some(65536)
-                self.conn.receive_data(data)
-                if not data and self.conn.their_state is not h11.SEND_BODY:
-                    return h11.ConnectionClosed()
-                continue
-            return event
+    # ---- reading ------------------------------------------------------------------------
+
+    async def _receive(self, deadline: float) -> None:
+        with trio.move_on_at(deadline) as scope:
+            data = await self.stream.receive_some(65536)
+        if scope.cancelled_caught:
+            raise _Timeout
+        self.conn.receive_data(data)
+
+    async def _next(self, deadline: float):
+        while (event := self.conn.next_event()) is h11.NEED_DATA:
+            await self._receive(deadline)
+        return event
 
     async def serve(self, data: bytes) -> None:
+        """Serve requests until the client closes, a timeout, or an error that closes."""
         self.conn.receive_data(data)
+        deadline = self.slot.started + self.config.header_timeout
         while True:
             try:
-                event = await self._next()
-            except h11.RemoteProtocolError as exc:
-                await self._error(HttpError(400, f"Malformed HTTP request: {exc}"), close=True)
+                event = await self._next(deadline)
+            except _Timeout:
+                await self._raw(HttpError(408, f"The request head did not arrive within "
+                                               f"{self.config.header_timeout:g} s (--header-timeout)"))
                 return
-            if isinstance(event, h11.ConnectionClosed) or event is None:
+            except h11.RemoteProtocolError as exc:
+                if exc.error_status_hint == 431:
+                    await self._raw(HttpError(431, f"The request head is over {MAX_HEAD} bytes"))
+                else:
+                    await self._raw(HttpError(exc.error_status_hint, f"Malformed HTTP request: {exc}"))
                 return
             if not isinstance(event, h11.Request):
                 return
-            body = bytearray()
-            while True:
-                part = await self._next()
-                if isinstance(part, h11.Data):
-                    body += part.data
-                    if len(body) > MAX_BODY:
-                        await self._error(HttpError(413, f"The body is over {MAX_BODY} bytes"), close=True)
-                        return
-                elif isinstance(part, h11.EndOfMessage):
-                    break
-                else:
-                    return
-            await self._route(event, bytes(body))
-            if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
+            self.slot.busy()
+            body = await self._body(event)
+            if body is None:
+                return
+            await self._route(event, body)
+            if self._gone or self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
                 return
             try:
                 self.conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+            self.slot.idle()  # keep-alive: wait for the next request's first byte
+            if not self.conn.trailing_data[0]:
+                try:
+                    await self._receive(trio.current_time() + self.config.idle_timeout)
+                except _Timeout:
+                    return
+            deadline = trio.current_time() + self.config.header_timeout
+
+    async def _body(self, request: h11.Request) -> bytes | None:
+        """The whole body, or ``None`` after answering why not (and closing)."""
+        length = next((v for k, v in request.headers if k == b"content-length"), None)
+        if length is not None and (len(length) > 12 or int(length) > MAX_BODY):
+            await self._error(HttpError(413, f"The body is over {MAX_BODY} bytes"), close=True)
+            return None
+        if self.conn.they_are_waiting_for_100_continue:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        deadline = trio.current_time() + self.config.body_timeout
+        body = bytearray()
+        while True:
+            try:
+                part = await self._next(deadline)
+            except _Timeout:
+                await self._error(HttpError(408, f"The request body did not arrive within "
+                                                 f"{self.config.body_timeout:g} s (--body-timeout)"), close=True)
+                return None
+            except h11.RemoteProtocolError as exc:
+                await self._error(HttpError(400, f"Malformed HTTP request: {exc}"), close=True)
+                return None
+            if isinstance(part, h11.Data):
+                body += part.data
+                if len(body) > MAX_BODY:
+                    await self._error(HttpError(413, f"The body is over {MAX_BODY} bytes"), close=True)
+                    return None
+            elif isinstance(part, h11.EndOfMessage):
+                return bytes(body)
+            else:
+                return None
+
+    async def _watch_eof(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` when the client closes its side (what it sends meanwhile is kept)."""
+        while len(self.conn.trailing_data[0]) < MAX_HEAD:
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._gone = True
+                scope.cancel()
+                return
+            self.conn.receive_data(data)
+        await trio.sleep_forever()  # enough pipelined bytes: stop reading, and watching
+
+    async def _while_connected(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work``; if the client goes away meanwhile, cancel it and raise ``BrokenResourceError``."""
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_eof, nursery.cancel_scope)
+            try:
+                await work()
+            except Exception as exc:  # re-raised below, outside the nursery's exception group
+                error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if self._gone:
+            raise trio.BrokenResourceError("the client closed the connection")
+
+    # ---- answering ----------------------------------------------------------------------
 
     async def _route(self, request: h11.Request, body: bytes) -> None:
         path = request.target.decode("latin-1").split("?", 1)[0]
-        method = request.method.decode()
-        headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
+        method = request.method.decode("latin-1")
         try:
-            if self.token is not None and path != "/health":
-                if headers.get("authorization", "") != f"Bearer {self.token}":
-                    raise HttpError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                    kind="authentication_error")
+            authorized = self._authorized(request)
             if path == "/health" and method == "GET":
-                await self._json(200, {"status": "ok", **self.kernel.load_summary()})
-            elif path == "/v1/models" and method == "GET":
+                summary = self.kernel.load_summary() if authorized else {}
+                await self._json(200, {"status": "ok", **summary})
+                return
+            if not authorized:
+                raise HttpError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                kind="authentication_error")
+            if path == "/v1/models" and method == "GET":
                 await self._models()
             elif path == "/v1/completions" and method == "POST":
                 await self._completions(parse_completion(body))
             elif path in ("/health", "/v1/models", "/v1/completions"):
                 raise HttpError(405, f"{method} is not allowed on {path}")
             else:
-                raise HttpError(404, f"No route {method} {path}", kind="not_found_error")
+                raise HttpError(404, f"No route {method} {path[:200]}", kind="not_found_error")
         except HttpError as exc:
             await self._error(exc)
+
+    def _authorized(self, request: h11.Request) -> bool:
+        """Check the bearer token in constant time (always true without a key)."""
+        key = self.config.api_key
+        if key is None:
+            return True
+        given = next((v for k, v in request.headers if k == b"authorization"), b"")
+        return hmac.compare_digest(given, b"Bearer " + key.encode("utf-8", "surrogatepass"))
 
     async def _json(self, status: int, payload: Any) -> None:
         data = json.dumps(payload).encode()
@@ -207,42 +332,53 @@ class OpenAIHandler:
         await self._send(h11.Data(data=data))
         await self._send(h11.EndOfMessage())
 
+    async def _raw(self, error: HttpError) -> None:
+        """Answer outside h11 (no request to answer yet) and let the connection close."""
+        await send_all(self.stream, raw_response(error), self.config.idle_timeout)
+
     async def _send(self, event) -> None:
         data = self.conn.send(event)
         if data:
-            await self.stream.send_all(data)
+            await send_all(self.stream, data, self.config.idle_timeout)
 
     async def _models(self) -> None:
-        caller = KernelCaller(self.kernel)
-        try:
-            loaded = await caller.call(lambda i: m.ListLoaded(id=i))
-            downloaded = await caller.call(lambda i: m.ListDownloaded(id=i))
-        finally:
-            caller.close()
-        ids = [info.identifier for info in loaded.models]
-        ids += [info.model_key for info in downloaded.models if info.model_key not in ids]
+        ids = self.policy.served()
+        if self.policy.any_model:
+            caller = KernelCaller(self.kernel)
+            try:
+                downloaded = await caller.call(lambda i: m.ListDownloaded(id=i))
+            finally:
+                caller.close()
+            if isinstance(downloaded, m.DownloadedList):
+                ids += [info.model_key for info in downloaded.models if info.model_key not in ids]
         await self._json(200, {"object": "list", "data": [
             {"id": key, "object": "model", "created": 0, "owned_by": "lmkernel"} for key in ids]})
 
     async def _completions(self, request: CompletionRequest) -> None:
-        caller = KernelCaller(self.kernel)
         try:
-            loaded = await caller.call(lambda i: m.Load(id=i, model=request.model))
+            admission = await self.policy.admit(request.model)
+        except PolicyError as exc:
+            raise HttpError(_STATUS.get(exc.kind, 400), exc.message, "model") from None
+        caller = KernelCaller(self.kernel, on_overflow=self.slot.scope.cancel)
+        try:
+            try:
+                loaded = await caller.call(lambda i: m.Load(id=i, model=admission.model))
+            finally:
+                admission.release()
             if isinstance(loaded, m.Failed):
                 raise HttpError(_STATUS.get(loaded.error.kind, 500), loaded.error.message, "model")
             identifier = loaded.info.identifier
             prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
             config = prediction_config(request)
-            request_id, events = caller.open(
-                lambda i: m.Predict(id=i, model=identifier, prompt=prompt, config=config))
+            _, events = caller.open(lambda i: m.Predict(id=i, model=identifier, prompt=prompt, config=config))
             meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": identifier}
             if request.stream:
                 include_usage = bool(request.stream_options and request.stream_options.include_usage)
-                await self._stream(caller, request_id, events, meta, include_usage)
+                await self._while_connected(lambda: self._stream(events, meta, include_usage))
             else:
-                await self._whole(events, meta)
+                await self._while_connected(lambda: self._whole(events, meta))
         finally:
-            caller.close()
+            caller.close()  # cancels the prediction if it is still running (the client left)
 
     async def _whole(self, events: trio.MemoryReceiveChannel, meta: dict) -> None:
         parts: list[str] = []
@@ -261,8 +397,7 @@ class OpenAIHandler:
                 })
                 return
 
-    async def _stream(self, caller: KernelCaller, request_id: int, events: trio.MemoryReceiveChannel,
-                      meta: dict, include_usage: bool) -> None:
+    async def _stream(self, events: trio.MemoryReceiveChannel, meta: dict, include_usage: bool) -> None:
         first = await events.receive()
         while isinstance(first, (m.PromptProgress, m.FirstToken)):
             first = await events.receive()
@@ -279,38 +414,34 @@ class OpenAIHandler:
             return {**meta, "object": "text_completion",
                     "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": reason}]}
 
-        try:
-            event, done = first, False
-            while not done:
-                batch = bytearray()
-                while True:  # everything already waiting goes out in one write
-                    if isinstance(event, m.Fragment):
-                        batch += head + json.dumps(event.content).encode() + tail
-                    elif isinstance(event, m.Finished):
-                        batch += _sse_bytes(finish(_FINISH.get(event.stats.stop_reason, "stop")))
-                        if include_usage:
-                            batch += _sse_bytes({**meta, "object": "text_completion", "choices": [],
-                                                 "usage": _usage(event.stats)})
-                        batch += b"data: [DONE]\n\n"
-                        done = True
-                        break
-                    elif isinstance(event, m.Failed):
-                        batch += _sse_bytes({"error": {"message": event.error.message, "type": "server_error"}})
-                        batch += b"data: [DONE]\n\n"
-                        done = True
-                        break
-                    try:
-                        event = events.receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                if batch:
-                    await self._send(h11.Data(data=bytes(batch)))
-                if not done:
-                    event = await events.receive()
-            await self._send(h11.EndOfMessage())
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            caller.cancel(request_id)  # the client went away: stop generating for it
-            raise
+        event, done = first, False
+        while not done:
+            batch = bytearray()
+            while True:  # everything already waiting goes out in one write
+                if isinstance(event, m.Fragment):
+                    batch += head + json.dumps(event.content).encode() + tail
+                elif isinstance(event, m.Finished):
+                    batch += _sse_bytes(finish(_FINISH.get(event.stats.stop_reason, "stop")))
+                    if include_usage:
+                        batch += _sse_bytes({**meta, "object": "text_completion", "choices": [],
+                                             "usage": _usage(event.stats)})
+                    batch += b"data: [DONE]\n\n"
+                    done = True
+                    break
+                elif isinstance(event, m.Failed):
+                    batch += _sse_bytes({"error": {"message": event.error.message, "type": "server_error"}})
+                    batch += b"data: [DONE]\n\n"
+                    done = True
+                    break
+                try:
+                    event = events.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            if batch:
+                await self._send(h11.Data(data=bytes(batch)))
+            if not done:
+                event = await events.receive()
+        await self._send(h11.EndOfMessage())
 
 
 def _sse_bytes(payload: dict) -> bytes:
