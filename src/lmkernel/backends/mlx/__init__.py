@@ -2,17 +2,21 @@
 
 Runs on Apple Silicon (Metal) and on Linux CPUs (``mlx[cpu]``, float32, OpenBLAS when the
 machine has it). Importing this module is cheap: MLX and mlx-lm are imported when a model
-loads, on the model's worker thread.
+loads, on the model's worker thread (see :func:`_import_engine` for what that import must not
+do to the rest of the process).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import struct
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ...plugins.contract import Availability, Backend, Engine, LoadOptions, ModelDescription
@@ -55,6 +59,99 @@ def _safetensors_params(files: list[Path]) -> int:
                     n *= dim
                 total += n
     return total
+
+
+def _import_engine() -> Callable[[Path, LoadOptions, Callable[[float], None]], Engine]:
+    """Import MLX and mlx-lm (on the calling worker thread) and return ``load_engine``.
+
+    The first import is guarded twice, for the sake of the user's process:
+
+    * mlx-lm must not lower the open-file limit (:func:`_keep_open_file_limit`).
+    * MLX's own exit hook clears the compile cache of the thread that imported ``mlx.core``
+      only. When that thread is our worker, the main thread's cache is left to C++ thread-local
+      destructors that run after the interpreter is gone; an entry holding a Python object
+      then crashes the process at exit (SIGSEGV), which happens as soon as the program's main
+      thread calls a compiled mlx-lm function that our worker called after it. So the main
+      thread's MLX state is released by :func:`_release_main_thread` at exit instead.
+    """
+    with _import_lock:
+        first = "mlx.core" not in sys.modules
+        with _keep_open_file_limit():
+            from ._engine import load_engine
+        global _main_thread_hooked
+        if first and threading.current_thread() is not threading.main_thread() and not _main_thread_hooked:
+            _main_thread_hooked = True
+            atexit.register(_release_main_thread)
+    return load_engine
+
+
+_import_lock = threading.Lock()
+_main_thread_hooked = False
+
+
+def _release_main_thread() -> None:
+    """At exit, on the main thread: release its MLX streams and compile cache.
+
+    An ``atexit`` hook, registered once MLX is loaded, so it runs before MLX's own hook and
+    while the interpreter is whole. Hooks registered before it that use MLX on the main thread
+    find no stream there ("There is no Stream(cpu, 0) in current thread").
+    """
+    mx = sys.modules.get("mlx.core")
+    if mx is None or threading.current_thread() is not threading.main_thread():
+        return
+    mx.synchronize()
+    mx.clear_streams()
+
+
+@contextlib.contextmanager
+def _keep_open_file_limit() -> Iterator[None]:
+    """Keep mlx-lm's first import from lowering the process's open-file limit.
+
+    ``mlx_lm.utils`` calls ``setrlimit(RLIMIT_NOFILE, (2048, 4096))`` when imported: it lowers
+    a higher soft limit, and lowers the hard limit, which an unprivileged process can never
+    raise again. So the call is intercepted rather than undone: while mlx-lm is first imported
+    (under ``_import_lock``), a ``RLIMIT_NOFILE`` request may raise the soft limit up to the
+    hard one and lowers neither. Whatever else lowered the limit meanwhile is restored after.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not a POSIX system: no such limit
+        yield
+        return
+    if "mlx_lm.utils" in sys.modules:
+        yield
+        return
+    nofile = resource.RLIMIT_NOFILE
+    before = resource.getrlimit(nofile)
+    real_setrlimit = resource.setrlimit
+
+    def setrlimit(which: int, limits: tuple[int, int]) -> None:
+        if which != nofile:
+            return real_setrlimit(which, limits)
+        soft, hard = resource.getrlimit(nofile)
+        wanted = limits[0]
+        if _rlim_below(soft, wanted):
+            soft = hard if _rlim_below(hard, wanted) else wanted
+        return real_setrlimit(nofile, (soft, hard))
+
+    resource.setrlimit = setrlimit
+    try:
+        yield
+    finally:
+        resource.setrlimit = real_setrlimit
+        soft, hard = resource.getrlimit(nofile)
+        if _rlim_below(soft, before[0]) or _rlim_below(hard, before[1]):
+            with contextlib.suppress(ValueError, OSError):  # a lowered hard limit may not come back
+                real_setrlimit(nofile, before)
+
+
+def _rlim_below(a: int, b: int) -> bool:
+    """``a < b`` for resource limits, where ``RLIM_INFINITY`` is above every number."""
+    import resource
+
+    if a == resource.RLIM_INFINITY:
+        return False
+    return b == resource.RLIM_INFINITY or a < b
 
 
 def _params_string(n: int) -> str:
@@ -113,8 +210,7 @@ class MLXBackend(Backend):
 
     def load(self, path: Path, options: LoadOptions, on_progress: Callable[[float], None]) -> Engine:
         _blas.preload()
-        from ._engine import load_engine
-
+        load_engine = _import_engine()
         return load_engine(path, options, on_progress)
 
     def release_thread(self) -> None:
