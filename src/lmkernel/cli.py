@@ -59,6 +59,7 @@ def _complete(args: argparse.Namespace) -> int:
             sys.stdout.write(fragment.content)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()  # a closed pipe raises here, not in the interpreter's last flush
         result = stream.result()
     stats = result.stats
     print(
@@ -185,16 +186,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; return the exit status.
+
+    1: an lmkernel error, printed as one line. 130: interrupted (Ctrl-C). 141 (128 + SIGPIPE,
+    what a tool killed by SIGPIPE reports): stdout was closed early, as by ``| head``; the
+    rest of the output is dropped quietly. No traceback in any of these cases.
+    """
     args = build_parser().parse_args(argv)
     from .errors import LMKernelError
 
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()
+        return status
     except LMKernelError as exc:
         print(f"lmkernel: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        _drop_closed_output()
+        return 141
+
+
+def _drop_closed_output() -> None:
+    """Point stdout (and stderr, if it is the same pipe) at /dev/null after a broken pipe.
+
+    What Python's documentation advises for SIGPIPE: the interpreter flushes the standard
+    streams at exit, and a flush into the closed pipe would raise again.
+    """
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        out = sys.stdout.fileno()
+        same = os.path.samestat(os.fstat(out), os.fstat(sys.stderr.fileno()))
+        os.dup2(devnull, out)
+        if same:
+            os.dup2(devnull, sys.stderr.fileno())
+    except (OSError, ValueError):  # not real files (replaced streams): nothing to redirect
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":
