@@ -98,13 +98,13 @@ def configs(struct: type[msgspec.Struct], plausible: dict[str, st.SearchStrategy
 
 
 PREDICTION_CONFIGS = configs(LlmPredictionConfig, PLAUSIBLE)
-# Configs within every rule and honoured by the MLX backend: these run on the engine.
 
 
 def _or_off(values: st.SearchStrategy) -> st.SearchStrategy:
     return st.just(False) | values
 
 
+# Configs within every rule and honoured by the MLX backend: these run on the engine.
 RUNNABLE_CONFIGS = st.fixed_dictionaries({}, optional={
     "temperature": st.floats(0, 2) | st.sampled_from([0, 1e308]),
     "topKSampling": st.integers(0, 3000) | st.sampled_from([-1, 40.0, 2**31 - 1, 10**6]),
