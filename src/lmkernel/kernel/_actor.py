@@ -218,7 +218,7 @@ class ModelActor:
     def _hung(self, doing: str, seconds: float) -> None:
         if self.state == "gone":
             return
-        self._worker.abandoned = True  # the thread cannot be stopped; nothing it says counts now
+        self._worker.abandon()  # the thread cannot be stopped; nothing it says counts now
         limit = self._limit(doing)
         self.crash(
             TimeoutError(f"the backend call did not return within {limit:g} s"),

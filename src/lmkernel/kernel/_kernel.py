@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -26,8 +27,9 @@ from ..errors import (
 from ..plugins.contract import Backend
 from ..plugins.discovery import Discovery, discover
 from . import messages as m
-from ._actor import CancelMsg, InfoMsg, ModelActor, Peer, PredictMsg, TokenizeMsg, UnloadMsg, _Waiter, seq_ids
+from ._actor import _env_seconds, CancelMsg, InfoMsg, ModelActor, Peer, PredictMsg, TokenizeMsg, UnloadMsg, _Waiter, seq_ids
 from ._catalog import Catalog, CatalogEntry
+from ._worker import Shutdown
 from .config import (
     KERNEL_LOAD_KEYS,
     KERNEL_PREDICTION_KEYS,
@@ -40,8 +42,12 @@ from .config import (
 
 log = logging.getLogger("lmkernel.kernel")
 
-#: Seconds a scan of the model folders may take (it calls every plugin's ``describe``).
-CATALOG_TIMEOUT = 60.0
+
+
+def catalog_timeout() -> float:
+    """Seconds a scan of the model folders may take (it calls every plugin's ``describe``):
+    ``LMKERNEL_CATALOG_TIMEOUT``, default 60."""
+    return _env_seconds("LMKERNEL_CATALOG_TIMEOUT", 60.0)
 
 
 def _error(exc: LMKernelError, **extra: str | None) -> m.ErrorInfo:
@@ -65,6 +71,7 @@ class Kernel:
         self.discovery = discovery or discover()
         self.catalog = catalog or Catalog([s.backend for s in self.discovery.statuses if s.backend])
         self._actors: list[ModelActor] = []  # loaded and loading, in load order
+        self._workers: list = []  # every engine worker whose thread may still run (for abandon_engines)
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
 
@@ -78,6 +85,20 @@ class Kernel:
             for actor in list(self._actors):
                 actor.unload()
         self._nursery = None
+
+    def abandon_engines(self, timeout: float) -> None:
+        """The kernel loop is gone (it died): stop every engine thread directly, bounded.
+
+        Called from the dead kernel's thread; engine threads must still end cleanly (they hold
+        thread-bound engine state that must be released before the interpreter exits).
+        """
+        workers = [worker for worker in self._workers if worker.alive]
+        for worker in workers:
+            worker.abandon()
+            worker.send(Shutdown())
+        deadline = time.monotonic() + timeout
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
 
     def shutdown(self) -> None:
         """Unload every model and end :meth:`serve` once their workers have stopped."""
@@ -190,6 +211,7 @@ class Kernel:
     async def _catalog_call(self, fn, *args: object):
         """Run a catalog scan in a thread, bounded in wall-clock time: a plugin's ``describe`` may hang."""
         token = trio.lowlevel.current_trio_token()
+        limit = catalog_timeout()
         with trio.CancelScope() as scope:
 
             def expire() -> None:
@@ -198,7 +220,7 @@ class Kernel:
                 except trio.RunFinishedError:
                     pass
 
-            timer = threading.Timer(CATALOG_TIMEOUT, expire)
+            timer = threading.Timer(limit, expire)
             timer.daemon = True
             timer.start()
             try:
@@ -206,7 +228,7 @@ class Kernel:
             finally:
                 timer.cancel()
         raise LMKernelError(
-            f"Scanning the model folders took longer than {CATALOG_TIMEOUT:g} s (a backend's describe() "
+            f"Scanning the model folders took longer than {limit:g} s (a backend's describe() "
             "may be hanging; `lmkernel backends` lists them)"
         )
 
@@ -321,6 +343,7 @@ class Kernel:
         )
         actor = ModelActor(info, backend, entry.path, config, request.ttl, self._gone)
         self._actors.append(actor)
+        self._workers = [worker for worker in self._workers if worker.alive] + [actor._worker]
         self._join(actor, peer, request.id)
         assert self._nursery is not None
         await self._nursery.start(self._supervise, actor)

@@ -188,6 +188,15 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def abandon(self) -> None:
+        """Give up on this thread (it hangs in a plugin call): nothing it reports counts now.
+
+        It stays in :data:`ABANDONED` until it ends, so that an exiting program can give it
+        a bounded chance to finish (see :func:`join_abandoned`).
+        """
+        self.abandoned = True
+        ABANDONED.add(self)
+
     def _post(self, report: Report) -> None:
         if not self.abandoned:
             self._post_to_actor(report)
@@ -223,6 +232,7 @@ class EngineWorker:
                 except _EngineError as exc:
                     log.error("backend %s: release_thread failed", self._backend.name, exc_info=exc.error)
                 self._post(Exited())
+                ABANDONED.discard(self)
 
     def _load(self, doing: str) -> Engine | None:
         def progress(p: object) -> None:
@@ -376,3 +386,13 @@ class HangWatch:
 
 
 HANG_WATCH = HangWatch()
+
+#: Workers given up on while hung, until their threads end.
+ABANDONED: set[EngineWorker] = set()
+
+
+def join_abandoned(timeout: float) -> None:
+    """Give abandoned engine threads up to ``timeout`` seconds in all to end (at exit)."""
+    deadline = time.monotonic() + timeout
+    for worker in list(ABANDONED):
+        worker.join(max(0.0, deadline - time.monotonic()))

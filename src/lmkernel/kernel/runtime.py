@@ -25,6 +25,8 @@ __all__ = ["InProcessConnection", "KernelThread", "default_kernel"]
 
 log = logging.getLogger("lmkernel.kernel")
 
+ABANDONED_GRACE = 10.0  # seconds an exiting program waits for engine threads hung in plugin calls
+
 
 class InProcessConnection:
     """A client's handle on an in-process kernel: send frames, then close once."""
@@ -83,6 +85,8 @@ class KernelThread:
             self._token = None
             self._ready.set()
             self._tell_connections()
+            if self.kernel is not None:
+                self.kernel.abandon_engines(ABANDONED_GRACE)
 
     def _tell_connections(self) -> None:
         """The kernel is gone: every open connection (and so every waiting caller) hears it now."""
@@ -163,6 +167,11 @@ class KernelThread:
                 pass
         if self._thread is not None:
             self._thread.join(timeout)
+        # Engine threads abandoned while hung in a plugin call get a bounded chance to end
+        # before the interpreter goes (a thread still in native code at exit can abort it).
+        from ._worker import join_abandoned
+
+        join_abandoned(ABANDONED_GRACE)
 
 
 _default: KernelThread | None = None

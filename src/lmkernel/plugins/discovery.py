@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 
@@ -19,6 +20,7 @@ __all__ = ["ENTRY_POINT_GROUP", "BackendStatus", "Discovery", "discover"]
 
 ENTRY_POINT_GROUP = "lmkernel.backends"
 ENV_FILTER = "LMKERNEL_BACKENDS"
+AVAILABILITY_TIMEOUT = 10.0
 
 log = logging.getLogger("lmkernel.plugins")
 
@@ -73,11 +75,31 @@ def _load(ep: EntryPoint) -> BackendStatus:
     if not isinstance(obj, Backend):
         reason = f"entry point {ep.value!r} is a {type(obj).__name__}, not an lmkernel Backend"
         return BackendStatus(ep.name, source, None, Availability(False, reason))
-    try:
-        availability = obj.availability()
-    except Exception as exc:
-        availability = Availability(False, f"availability check raised {type(exc).__name__}: {exc}")
-    return BackendStatus(obj.name, source, obj, availability)
+    return BackendStatus(obj.name, source, obj, check_availability(obj))
+
+
+def check_availability(backend: Backend, timeout: float = AVAILABILITY_TIMEOUT) -> Availability:
+    """Ask ``backend`` whether it can run here, bounded: a raising, hanging or malformed
+    answer makes it unavailable, with the reason (it is that plugin's fault, not the kernel's)."""
+    box: list = []
+
+    def ask() -> None:
+        try:
+            box.append(backend.availability())
+        except Exception as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=ask, name=f"lmkernel-availability-{backend.name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not box:
+        return Availability(False, f"availability check did not return within {timeout:g} s")
+    answer = box[0]
+    if isinstance(answer, Exception):
+        return Availability(False, f"availability check raised {type(answer).__name__}: {answer}")
+    if not isinstance(answer, Availability):
+        return Availability(False, f"availability() must return an Availability, got {answer!r:.80}")
+    return answer
 
 
 def discover(extra: list[Backend] | None = None) -> Discovery:
@@ -92,6 +114,6 @@ def discover(extra: list[Backend] | None = None) -> Discovery:
     for backend in extra or []:
         if selected is None or backend.name in selected:
             result.statuses.append(
-                BackendStatus(backend.name, "given in code", backend, backend.availability())
+                BackendStatus(backend.name, "given in code", backend, check_availability(backend))
             )
     return result
