@@ -34,6 +34,7 @@ class ScriptedEngine(Engine):
         return [ord(c) for c in text]
 
     def add(self, seq_id, prompt_tokens, sampling: Sampling, max_tokens: int) -> None:
+        self.backend.samplings.append(sampling)
         self.seqs[seq_id] = [list(prompt_tokens), max_tokens, 0, False]
 
     def remove(self, seq_id: int) -> None:
@@ -67,7 +68,7 @@ class ScriptedEngine(Engine):
 
 class ScriptedBackend(Backend):
     name = "scripted"
-    prediction_keys = frozenset({"temperature"})
+    prediction_keys = frozenset({"temperature", "cpuThreads"})
 
     def __init__(self) -> None:
         self.fail_at: int | None = None
@@ -76,6 +77,7 @@ class ScriptedBackend(Backend):
         self.loads = 0
         self.released_threads = 0
         self.step_delay = 0.001
+        self.samplings: list[Sampling] = []
 
     def availability(self) -> Availability:
         return Availability(True, notes="scripted")

@@ -160,3 +160,21 @@ def test_malformed_frames_are_dropped(scripted):
         assert listed.models == []
 
     run(kernel, scenario)
+
+
+def test_prediction_keys_a_backend_declares_reach_its_engine(scripted):
+    backend, kernel = scripted
+
+    async def scenario(client: Client):
+        await client.until_done(client.request(m.Load, model="one"))
+        done = (await client.until_done(client.request(
+            m.Predict, model="one", prompt="ab", config={"maxTokens": 2, "cpuThreads": 3, "temperature": 0.5})))[-1]
+        assert isinstance(done, m.Finished)
+        assert dict(backend.samplings[-1].extra) == {"cpuThreads": 3}
+        assert backend.samplings[-1].temperature == 0.5
+        refused = (await client.until_done(client.request(
+            m.Predict, model="one", prompt="ab", config={"maxTokens": 2, "topKSampling": 5})))[-1]
+        assert isinstance(refused, m.Failed) and refused.error.kind == "unsupported_config"
+        assert "'topKSampling' are not supported by backend 'scripted'" in refused.error.message
+
+    run(kernel, scenario)

@@ -361,7 +361,7 @@ class ModelActor:
                 model=self.info.identifier,
             )))
             return
-        sampling = sampling_from_config(config)
+        sampling = sampling_from_config(config, declared=self.backend.prediction_keys)
         run = PredictionRun(request_id, config, sampling, peer.send, self.info.model_info(), self.load_config)
         self._runs[seq_id] = _Running(peer, run)
         self._waiting.append(w.AddSequence(seq_id, prompt, sampling, run.max_tokens))
