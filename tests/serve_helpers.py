@@ -46,3 +46,35 @@ class Server:
         self.proc.stdout.close()
         self.log.close()
         return rc
+
+
+def process_figures(pid: int) -> tuple[int, int]:
+    """(resident memory in KiB, open files) of process ``pid``, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def in_process(test, config=None, *, autojump: bool = True, kernel=None):
+    """Run ``await test(host, port)`` against ``serve(config)`` in this process.
+
+    On trio's autojump clock by default, so that timeouts of seconds take no real time (for
+    tests that load no model: an engine's worker threads run in real time).
+    """
+    import trio
+    import trio.testing
+
+    from lmkernel.kernel.serve import ServeConfig, serve
+
+    async def main():
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(lambda task_status: serve(
+                config or ServeConfig(port=0), kernel=kernel, report=lambda _: None, stop=stop,
+                task_status=task_status))
+            try:
+                await test(host, port)
+            finally:
+                stop.set()  # a graceful shutdown: models unloaded, connections ended
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0) if autojump else None)

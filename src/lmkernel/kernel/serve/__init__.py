@@ -232,9 +232,10 @@ async def serve(
     *,
     kernel: Kernel | None = None,
     report: Callable[[str], None] = print,
+    stop: trio.Event | None = None,
     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the server until SIGINT/SIGTERM (or cancellation); ``task_status`` gets (host, port).
+    """Run the server until SIGINT/SIGTERM or ``stop`` is set; ``task_status`` gets (host, port).
 
     Raises :class:`ServeError` (and loads nothing more) if the settings are wrong, the port
     cannot be bound, or a model of ``config.models`` does not load.
@@ -258,7 +259,7 @@ async def serve(
     try:
         async with trio.open_nursery() as root:
             await root.start(run_kernel)
-            stop = trio.Event()
+            stop = trio.Event() if stop is None else stop
             root.start_soon(_watch_signals, stop)
             with trio.CancelScope() as startup:
                 root.start_soon(_cancel_on, stop, startup)

@@ -11,7 +11,7 @@ import trio
 from .. import messages as m
 from .._kernel import Kernel
 
-MAX_QUEUED_EVENTS = 4096  # events of one request waiting for a reader that does not keep up
+MAX_QUEUED_EVENTS = 16384  # events of one request waiting for a reader that does not keep up
 
 
 class KernelCaller:

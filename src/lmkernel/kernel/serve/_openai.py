@@ -43,6 +43,7 @@ log = logging.getLogger("lmkernel.serve")
 MAX_BODY = 4 * 1024 * 1024
 MAX_HEAD = 64 * 1024
 INT64_MAX = 2**63 - 1
+EVENT_BYTES = 64  # about what a waiting text event costs: the send buffer in events is send_buffer / this
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -202,6 +203,9 @@ class OpenAIHandler:
                 return
             if not isinstance(event, h11.Request):
                 return
+            if len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers) > MAX_HEAD:
+                await self._raw(HttpError(431, f"The request head is over {MAX_HEAD} bytes"))
+                return  # h11 bounds a head that arrives in pieces; this, one that arrives at once
             self.slot.busy()
             body = await self._body(event)
             if body is None:
@@ -359,7 +363,8 @@ class OpenAIHandler:
             admission = await self.policy.admit(request.model)
         except PolicyError as exc:
             raise HttpError(_STATUS.get(exc.kind, 400), exc.message, "model") from None
-        caller = KernelCaller(self.kernel, on_overflow=self.slot.scope.cancel)
+        caller = KernelCaller(self.kernel, on_overflow=self.slot.scope.cancel,
+                              max_queued=max(16, self.config.send_buffer // EVENT_BYTES))
         try:
             try:
                 loaded = await caller.call(lambda i: m.Load(id=i, model=admission.model))
