@@ -16,7 +16,7 @@ from ..serve_helpers import Server
 
 @pytest.fixture(scope="session")
 def sdk_server():
-    server = Server()
+    server = Server("--any-model", "--allow-unload", "--max-models", "16")
     yield server
     server.stop()
 
