@@ -142,7 +142,21 @@ class ModelPolicy:
             if not self.any_model:
                 raise self._not_served(model)
             reference = await self._from_catalog(model)
+        if not new_instance and reference is not None and await self._holds(reference):
+            return Admission(reference, None)  # another name of a loaded model: no new load
         return self._count(reference, model or _DEFAULT, loaded, new_instance)
+
+    async def _holds(self, reference: str) -> bool:
+        """Tell whether a loaded instance comes from ``reference`` (a folder or a built-in key)."""
+        from ._caller import KernelCaller
+
+        caller = KernelCaller(self._kernel)
+        try:
+            listed = await caller.call(lambda i: m.ListLoaded(id=i))
+        finally:
+            caller.close()
+        models = listed.models if isinstance(listed, m.LoadedList) else []
+        return any(reference in (info.path, info.model_key) for info in models)
 
     def _count(self, reference: str | None, name: str, loaded: list[str], new_instance: bool) -> Admission:
         """Count a load that may add a model; refuse it at ``max_models``."""
