@@ -64,9 +64,11 @@ def _safetensors_params(files: list[Path]) -> int:
 def _import_engine() -> Callable[[Path, LoadOptions, Callable[[float], None]], Engine]:
     """Import MLX and mlx-lm (on the calling worker thread) and return ``load_engine``.
 
-    The first import is guarded twice, for the sake of the user's process:
+    The first import is guarded, for the sake of the user's process:
 
     * mlx-lm must not lower the open-file limit (:func:`_keep_open_file_limit`).
+    * It must work after the main thread has returned, when a non-daemon thread of the
+      program loads the model (:func:`_exit_hooks_accepted`).
     * MLX's own exit hook clears the compile cache of the thread that imported ``mlx.core``
       only. When that thread is our worker, the main thread's cache is left to C++ thread-local
       destructors that run after the interpreter is gone; an entry holding a Python object
@@ -76,7 +78,7 @@ def _import_engine() -> Callable[[Path, LoadOptions, Callable[[float], None]], E
     """
     with _import_lock:
         first = "mlx.core" not in sys.modules
-        with _keep_open_file_limit():
+        with _keep_open_file_limit(), _exit_hooks_accepted():
             from ._engine import load_engine
         global _main_thread_hooked
         if first and threading.current_thread() is not threading.main_thread() and not _main_thread_hooked:
@@ -143,6 +145,34 @@ def _keep_open_file_limit() -> Iterator[None]:
         if _rlim_below(soft, before[0]) or _rlim_below(hard, before[1]):
             with contextlib.suppress(ValueError, OSError):  # a lowered hard limit may not come back
                 real_setrlimit(nofile, before)
+
+
+@contextlib.contextmanager
+def _exit_hooks_accepted() -> Iterator[None]:
+    """Let the first MLX import register thread-exit hooks after the main thread has returned.
+
+    mlx-lm imports ``concurrent.futures.thread`` (through huggingface_hub), which registers
+    its exit hook with ``threading._register_atexit``. Once the main thread has returned, that
+    raises ``RuntimeError: can't register atexit after shutdown`` and the load would fail. During
+    the import (under ``_import_lock``), such a hook goes to :mod:`atexit` instead, which still
+    runs while the interpreter is whole.
+    """
+    real_register = getattr(threading, "_register_atexit", None)
+    if real_register is None or "concurrent.futures.thread" in sys.modules:
+        yield
+        return
+
+    def register(func: Callable, *args: object, **kwargs: object) -> None:
+        try:
+            real_register(func, *args, **kwargs)
+        except RuntimeError:  # the interpreter is shutting down: threads are being joined
+            atexit.register(func, *args, **kwargs)
+
+    threading._register_atexit = register
+    try:
+        yield
+    finally:
+        threading._register_atexit = real_register
 
 
 def _rlim_below(a: int, b: int) -> bool:
