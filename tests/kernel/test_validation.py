@@ -295,3 +295,29 @@ def test_load_config_out_of_range_is_refused_before_loading(tiny_model):
     with pytest.raises(lms.LMKernelConfigError, match=r"'contextLength': expected an integer that fits in 64 bits"):
         lms.llm(TINY, config={"contextLength": 2**64})
     _still_serves(tiny_model)
+
+
+def test_exllamav2_turns_a_top_k_as_large_as_the_vocabulary_off():
+    """The ExLlamaV2 engine's sampling mapping, on CPU: a fake library records each job's settings."""
+    from types import SimpleNamespace
+
+    from lmkernel.backends.exllamav2._engine import ExLlamaV2Engine
+
+    jobs: list[dict] = []
+    lib = {
+        "Sampler": SimpleNamespace(Settings=SimpleNamespace),
+        "torch": SimpleNamespace(long="long", tensor=lambda data, dtype=None: data),
+        "Job": lambda **kw: jobs.append(kw) or kw,
+    }
+    engine = ExLlamaV2Engine.__new__(ExLlamaV2Engine)  # no GPU: only what add() touches
+    engine._lib, engine.eos_ids, engine._jobs = lib, [0], {}
+    engine.model = SimpleNamespace(config=SimpleNamespace(vocab_size=100))
+    engine.generator = SimpleNamespace(enqueue=lambda job: None)
+    for seq_id, (sampling, top_k) in enumerate([
+        (Sampling(temperature=1.0, top_k=10**6), 0),
+        (Sampling(temperature=1.0, top_k=100), 0),
+        (Sampling(temperature=1.0, top_k=99), 99),
+        (Sampling(temperature=0.0, top_k=10**6), 1),  # greedy: top-1
+    ]):
+        engine.add(seq_id, [1, 2], sampling, 5)
+        assert jobs[-1]["gen_settings"].top_k == top_k
