@@ -91,8 +91,8 @@ def test_only_lmkernel_with_compile_on_exits_cleanly():
     assert done.stdout.strip() == "maxPredictedTokensReached"
 
 
-@pytest.mark.xfail(strict=True, reason="runtime.py fix pending")
 def test_non_daemon_thread_finishes_its_prediction_after_main_returns():
+    """The kernel stops after the program's threads are done (it used to cut this to modelUnloaded)."""
     done = run_python(
         """
         import sys, threading, lmkernel as lms
