@@ -254,11 +254,11 @@ def test_a_hung_describe_is_skipped_in_bounded_time(models_dir, caplog):
         assert "Backend 'faulty' is skipped while listing models: describe() did not answer within 0.2 s" in caplog.text
     finally:
         plugin.release.set()
-    for _ in range(100):  # once the call returns, the plugin is asked again
-        if not catalog._hung["faulty"].is_alive():
+    for _ in range(100):  # once the hung call returns, the plugin is asked again
+        catalog.entries()
+        if plugin.calls > 1:
             break
-        time.sleep(0.01)
-    catalog.entries()
+        time.sleep(0.02)
     assert plugin.calls > 1
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import queue
 import shutil
 import threading
 import typing
@@ -214,6 +215,65 @@ def _existing_folder(key: str) -> Path | None:
     return _guarded(path.resolve, None)
 
 
+class _Describer:
+    """Runs one backend's ``describe()`` calls on a daemon thread, so that a caller can stop waiting.
+
+    The thread ends after ``IDLE`` seconds without work. Once a caller has stopped waiting,
+    the backend counts as hung until that call returns: later calls fail at once.
+    """
+
+    IDLE = 5.0
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._jobs: queue.SimpleQueue[tuple[Path, list[Any], threading.Event]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running = False
+        self._hung = False
+
+    def call(self, path: Path, timeout: float) -> Any:
+        if self._hung:
+            raise _DescribeHung("an earlier describe() call has not returned yet")
+        answer: list[Any] = []
+        done = threading.Event()
+        with self._lock:
+            self._jobs.put((path, answer, done))
+            if not self._running:
+                self._running = True
+                name = f"lmkernel-describe-{getattr(self._backend, 'name', '?')}"
+                threading.Thread(target=self._serve, name=name, daemon=True).start()
+        if not done.wait(timeout):
+            with self._lock:  # the call may have ended meanwhile: then it is not hung
+                if not done.is_set():
+                    self._hung = True
+                    raise _DescribeHung(f"describe() did not answer within {timeout:g} s")
+        ok, value = answer[0]
+        if ok:
+            return value
+        if isinstance(value, Exception):
+            raise value
+        raise RuntimeError(f"describe() raised {type(value).__name__}: {_text(value)}")
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                path, answer, done = self._jobs.get(timeout=self.IDLE)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._running = False
+                        return
+                continue
+            try:
+                answer.append((True, self._backend.describe(path)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                answer.append((False, exc))
+            finally:
+                with self._lock:
+                    self._hung = False
+                    done.set()
+
+
 class Catalog:
     """Scans the model folders (on every call: folders change while a program runs).
 
@@ -230,7 +290,8 @@ class Catalog:
         self._backends = backends
         self._roots = roots
         self._timeout = describe_timeout
-        self._hung: dict[str, threading.Thread] = {}  # backend name -> its describe() still running
+        self._describers: dict[int, _Describer] = {}  # by id(backend)
+        self._lock = threading.Lock()
         self._logged: set[tuple[str, str]] = set()
 
     def _warn_once(self, backend: str, message: str) -> None:
@@ -239,37 +300,15 @@ class Catalog:
             log.warning("%s", message)
 
     def _call_describe(self, backend: Backend, path: Path) -> Any:
-        """Call ``backend.describe(path)`` on a helper thread, waiting at most the timeout."""
+        """Call ``backend.describe(path)`` on the backend's helper thread, waiting at most the timeout."""
         timeout = DESCRIBE_TIMEOUT if self._timeout is None else self._timeout
         if timeout <= 0:
             return backend.describe(path)
-        hung = self._hung.get(backend.name)
-        if hung is not None:
-            if hung.is_alive():
-                raise _DescribeHung("an earlier describe() call has not returned yet")
-            self._hung.pop(backend.name, None)
-        answer: list[Any] = []
-        done = threading.Event()
-
-        def call() -> None:
-            try:
-                answer.append((True, backend.describe(path)))
-            except BaseException as exc:  # noqa: BLE001 - reported to the caller below
-                answer.append((False, exc))
-            finally:
-                done.set()
-
-        thread = threading.Thread(target=call, name=f"lmkernel-describe-{backend.name}", daemon=True)
-        thread.start()
-        if not done.wait(timeout):
-            self._hung[backend.name] = thread
-            raise _DescribeHung(f"describe() did not answer within {timeout:g} s")
-        ok, value = answer[0]
-        if ok:
-            return value
-        if isinstance(value, Exception):
-            raise value
-        raise RuntimeError(f"describe() raised {type(value).__name__}: {_text(value)}")
+        with self._lock:
+            describer = self._describers.get(id(backend))
+            if describer is None:
+                describer = self._describers[id(backend)] = _Describer(backend)
+        return describer.call(path, timeout)
 
     def _describe(self, key: str, path: Path, problems: list[str] | None = None) -> CatalogEntry | None:
         descriptions = {}
