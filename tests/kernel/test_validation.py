@@ -8,6 +8,8 @@ serves.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import msgspec
 import pytest
 
@@ -83,6 +85,8 @@ PREDICTION_ERRORS = [
      _pred("rawTools")[:-2] + ": expected keys in valid Unicode, got '\\udcff' (lone surrogate '\\udcff' at index 0)"),
     ({"promptTemplate": {"a": b"x"}},
      _pred("promptTemplate")[:-2] + " at ['a']: expected plain data (None, bool, int, float, str, list, dict), got bytes b'x'"),
+    ({"promptTemplate": {"a": MappingProxyType({"b": 1})}},
+     _pred("promptTemplate")[:-2] + " at ['a']: expected plain data (None, bool, int, float, str, list, dict), got mappingproxy "),
     ({"promptTemplate": {"a": {1, 2}}},
      _pred("promptTemplate")[:-2] + " at ['a']: expected plain data (None, bool, int, float, str, list, dict), got set {1, 2}"),
     ({"structured": {"type": "json", "jsonSchema": {"maximum": float("inf")}}},

@@ -10,6 +10,8 @@ minute in all. The in-process transport only: the server protocols have their ow
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import msgspec
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -55,7 +57,12 @@ NUMBERS = st.integers(-3, 3) | st.integers() | HUGE_INTS | st.floats(allow_nan=T
 SCALARS = st.none() | st.booleans() | NUMBERS | TEXT | LONG_TEXT | st.binary(max_size=4)
 JUNK = st.recursive(
     SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.tuples(inner) | st.dictionaries(TEXT | st.integers(0, 3), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner)
+        | st.dictionaries(TEXT | st.integers(0, 3), inner, max_size=3)
+        | st.builds(MappingProxyType, st.dictionaries(TEXT, inner, max_size=2))  # a Mapping msgpack cannot encode
+    ),
     max_leaves=6,
 )
 

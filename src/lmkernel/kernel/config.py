@@ -25,12 +25,12 @@ from .._struct import PublicStruct, snake_to_camel
 from ..errors import LMKernelConfigError
 
 __all__ = [
-    "LlmPredictionConfig",
-    "LlmLoadModelConfig",
-    "LlmStructuredPredictionSetting",
-    "parse_prediction_config",
-    "parse_load_config",
     "KERNEL_PREDICTION_KEYS",
+    "LlmLoadModelConfig",
+    "LlmPredictionConfig",
+    "LlmStructuredPredictionSetting",
+    "parse_load_config",
+    "parse_prediction_config",
     "show",
     "unicode_problem",
     "wire_problem",
@@ -182,10 +182,10 @@ def wire_problem(value: Any) -> tuple[str, str] | None:
         elif isinstance(item, str):
             if (problem := unicode_problem(item)) is not None:
                 return where, f"valid Unicode text, got {show(item)} ({problem})"
-        elif isinstance(item, list | tuple | Mapping):
+        elif isinstance(item, list | tuple | dict):  # what msgpack encodes: not any Mapping
             if depth >= MAX_NESTING:
                 return where, f"at most {MAX_NESTING} levels of nested lists and dicts"
-            if isinstance(item, Mapping):
+            if isinstance(item, dict):
                 for key, child in item.items():
                     if not isinstance(key, str):
                         return where, f"dicts with string keys, got the key {show(key)}"
