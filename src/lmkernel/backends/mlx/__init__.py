@@ -61,6 +61,10 @@ def _safetensors_params(files: list[Path]) -> int:
     return total
 
 
+_import_lock = threading.Lock()
+_main_thread_hooked = False
+
+
 def _import_engine() -> Callable[[Path, LoadOptions, Callable[[float], None]], Engine]:
     """Import MLX and mlx-lm (on the calling worker thread) and return ``load_engine``.
 
@@ -69,34 +73,37 @@ def _import_engine() -> Callable[[Path, LoadOptions, Callable[[float], None]], E
     * mlx-lm must not lower the open-file limit (:func:`_keep_open_file_limit`).
     * It must work after the main thread has returned, when a non-daemon thread of the
       program loads the model (:func:`_exit_hooks_accepted`).
-    * MLX's own exit hook clears the compile cache of the thread that imported ``mlx.core``
-      only. When that thread is our worker, the main thread's cache is left to C++ thread-local
-      destructors that run after the interpreter is gone; an entry holding a Python object
-      then crashes the process at exit (SIGSEGV), which happens as soon as the program's main
-      thread calls a compiled mlx-lm function that our worker called after it. So the main
-      thread's MLX state is released by :func:`_release_main_thread` at exit instead.
+    * The main thread's MLX state is released at exit (:func:`_release_main_thread`), which
+      MLX leaves undone once ``mlx.core`` was first imported on another thread, here ours.
     """
+    global _main_thread_hooked
     with _import_lock:
         first = "mlx.core" not in sys.modules
         with _keep_open_file_limit(), _exit_hooks_accepted():
             from ._engine import load_engine
-        global _main_thread_hooked
         if first and threading.current_thread() is not threading.main_thread() and not _main_thread_hooked:
             _main_thread_hooked = True
             atexit.register(_release_main_thread)
     return load_engine
 
 
-_import_lock = threading.Lock()
-_main_thread_hooked = False
-
-
 def _release_main_thread() -> None:
     """At exit, on the main thread: release its MLX streams and compile cache.
 
-    An ``atexit`` hook, registered once MLX is loaded, so it runs before MLX's own hook and
-    while the interpreter is whole. Hooks registered before it that use MLX on the main thread
-    find no stream there ("There is no Stream(cpu, 0) in current thread").
+    Why (MLX 0.32): each thread has its own compile cache, freed by a C++ thread-local
+    destructor; for the main thread that runs in ``exit()``, after the interpreter is gone. An
+    entry still holding a Python object then takes the GIL and the process dies with SIGSEGV.
+    Two things should empty the main thread's cache before that, and both miss it here: MLX's
+    ``atexit`` hook clears the cache of the thread that imported ``mlx.core`` (our worker), and
+    a compiled function, when freed, erases its entries only from the cache of the thread that
+    called it last (our worker again, when the program's main thread called mlx-lm's compiled
+    functions before lmkernel's last prediction).
+
+    Registered with :mod:`atexit` on the first load, so it runs while the interpreter is whole,
+    after every exit hook registered later and before MLX's own. Exit hooks registered before
+    the first load that use MLX on the main thread find no stream there ("There is no
+    Stream(cpu, 0) in current thread"). A program that first imports ``mlx.core`` on a thread
+    of its own is not covered: MLX's hook is then bound to that thread, with or without us.
     """
     mx = sys.modules.get("mlx.core")
     if mx is None or threading.current_thread() is not threading.main_thread():
