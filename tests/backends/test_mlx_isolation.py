@@ -5,15 +5,16 @@ MLX and mlx-lm are imported once per process.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from ..conftest import TINY
+from ..conftest import MODELS, TINY
 
-resource = pytest.importorskip("resource")
+pytest.importorskip("resource", reason="the open-file limit is a POSIX resource limit")
 
 LOAD_WITH_LIMIT = """
     import json, resource, sys
@@ -32,8 +33,6 @@ def load_with_limit(soft: str) -> dict:
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(LOAD_WITH_LIMIT), TINY, soft],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    import json
-
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -68,8 +67,6 @@ def test_first_load_from_a_non_daemon_thread_after_main_returned():
 
         threading.Thread(target=work).start()
     """
-    from ..conftest import MODELS
-
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(MODELS / TINY)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
