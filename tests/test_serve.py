@@ -86,7 +86,7 @@ def test_sampling_settings(oai):
         (json.dumps({"prompt": "x", "seed": 3}).encode(), 400, "seed", "'seed' is not supported"),
         (json.dumps({"prompt": "x", "n": 2}).encode(), 400, "n", "'n' is not supported"),
         (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "model", "Model 'nope' is not served here"),
-        (json.dumps({"model": TINY, "prompt": "x", "temperature": -1}).encode(), 400, None, "'temperature'"),
+        (json.dumps({"model": TINY, "prompt": "x", "temperature": -1}).encode(), 400, "temperature", "'temperature'"),
         (json.dumps({"max_tokens": 3}).encode(), 400, "prompt", "missing required field `prompt`"),
     ],
 )

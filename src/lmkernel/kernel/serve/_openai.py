@@ -80,6 +80,8 @@ class HttpError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+_FIELDS = {"'temperature'": "temperature", "'topPSampling'": "top_p", "'maxTokens'": "max_tokens",
+           "'stopStrings'": "stop"}  # the kernel's config keys, as the fields of a completions body
 _STATUS = {"model_not_found": 404, "config": 400, "unsupported_config": 400, "value": 400,
            "prompt_too_long": 400, "queue_full": 429, "backend_unavailable": 503}
 _FINISH = {"maxPredictedTokensReached": "length", "contextLengthReached": "length"}
@@ -93,6 +95,13 @@ def raw_response(error: HttpError, extra: tuple[tuple[str, str], ...] = ()) -> b
     head = f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers)
     return head.encode("latin-1") + b"\r\n" + body
+
+
+def _failure(error: m.ErrorInfo) -> HttpError:
+    """The HTTP error for a request the kernel failed, naming the body's field where it can."""
+    param = next((f for key, f in _FIELDS.items() if key in error.message), None) if error.kind == "config" else None
+    kind = "server_error" if error.kind == "backend" else "invalid_request_error"
+    return HttpError(_STATUS.get(error.kind, 500), error.message, param, kind)
 
 
 def _param_from(message: str) -> str | None:
@@ -169,6 +178,7 @@ class OpenAIHandler:
         self.stream, self.kernel, self.config, self.policy, self.slot = stream, kernel, config, policy, slot
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self._gone = False
+        self._head = False  # the request being answered is a HEAD
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -207,6 +217,7 @@ class OpenAIHandler:
                 await self._raw(HttpError(431, f"The request head is over {MAX_HEAD} bytes"))
                 return  # h11 bounds a head that arrives in pieces; this, one that arrives at once
             self.slot.busy()
+            self._head = event.method == b"HEAD"
             body = await self._body(event)
             if body is None:
                 return
@@ -318,23 +329,20 @@ class OpenAIHandler:
         given = next((v for k, v in request.headers if k == b"authorization"), b"")
         return hmac.compare_digest(given, b"Bearer " + key.encode("utf-8", "surrogatepass"))
 
-    async def _json(self, status: int, payload: Any) -> None:
+    async def _json(self, status: int, payload: Any, close: bool = False) -> None:
         data = json.dumps(payload).encode()
-        await self._send(h11.Response(status_code=status, headers=[
-            ("content-type", "application/json"), ("content-length", str(len(data)))]))
-        await self._send(h11.Data(data=data))
+        headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
+        if close:
+            headers.append(("connection", "close"))
+        await self._send(h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase))
+        if not self._head:  # a HEAD request gets the head of the answer only
+            await self._send(h11.Data(data=data))
         await self._send(h11.EndOfMessage())
 
     async def _error(self, error: HttpError, close: bool = False) -> None:
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        data = json.dumps(error.body()).encode()
-        headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
-        if close:
-            headers.append(("connection", "close"))
-        await self._send(h11.Response(status_code=error.status, headers=headers))
-        await self._send(h11.Data(data=data))
-        await self._send(h11.EndOfMessage())
+        await self._json(error.status, error.body(), close)
 
     async def _raw(self, error: HttpError) -> None:
         """Answer outside h11 (no request to answer yet) and let the connection close."""
@@ -391,8 +399,7 @@ class OpenAIHandler:
             if isinstance(event, m.Fragment):
                 parts.append(event.content)
             elif isinstance(event, m.Failed):
-                raise HttpError(_STATUS.get(event.error.kind, 500), event.error.message,
-                                kind="server_error" if event.error.kind == "backend" else "invalid_request_error")
+                raise _failure(event.error)
             elif isinstance(event, m.Finished):
                 await self._json(200, {
                     **meta, "object": "text_completion",
@@ -407,8 +414,8 @@ class OpenAIHandler:
         while isinstance(first, (m.PromptProgress, m.FirstToken)):
             first = await events.receive()
         if isinstance(first, m.Failed):  # before any byte of the stream: a plain HTTP error
-            raise HttpError(_STATUS.get(first.error.kind, 500), first.error.message)
-        await self._send(h11.Response(status_code=200, headers=[
+            raise _failure(first.error)
+        await self._send(h11.Response(status_code=200, reason="OK", headers=[
             ("content-type", "text/event-stream"), ("cache-control", "no-cache")]))
         # Each text chunk is the same JSON but for the text: build it once, splice the text in.
         head, tail = json.dumps({**meta, "object": "text_completion", "choices": [
