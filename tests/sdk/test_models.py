@@ -21,23 +21,32 @@ def test_llm_without_key_loads_the_default_then_returns_the_first_loaded(fresh_k
     assert [m.identifier for m in lms.list_loaded_models()] == [TINY, TINY_CTX64]
 
 
-def test_keys_paths_and_bare_names_resolve(fresh_kernel, tiny_path):
-    assert lms.llm(str(tiny_path)).identifier == TINY  # a folder in the model folders keeps its key
+def test_keys_paths_and_bare_names_resolve(fresh_kernel, tiny_path, transport):
+    if transport == "server":  # a network caller never names a folder of the server's disk
+        with pytest.raises(lms.LMKernelValueError, match="looks like a filesystem path: lmkernel serve never"):
+            lms.llm(str(tiny_path))
+    else:
+        assert lms.llm(str(tiny_path)).identifier == TINY  # a folder in the model folders keeps its key
     assert lms.llm("tiny-ctx64").identifier == TINY_CTX64  # unique bare name
     assert lms.llm(TINY).identifier == TINY
 
 
-def test_a_folder_outside_the_model_folders_is_named_after_it(fresh_kernel, tiny_path, tmp_path):
+def test_a_folder_outside_the_model_folders_is_named_after_it(fresh_kernel, tiny_path, tmp_path, transport):
+    if transport == "server":
+        pytest.skip("lmkernel serve refuses paths (tests/serve test the refusal)")
     copy = shutil.copytree(tiny_path, tmp_path / "my-model")
     assert lms.llm(str(copy)).identifier == "my-model"
     with pytest.raises(lms.LMStudioModelNotFoundError, match="No backend can load the folder"):
         lms.llm(str(tmp_path))
 
 
-def test_unknown_key_lists_what_is_available(fresh_kernel):
+def test_unknown_key_lists_what_is_available(fresh_kernel, transport):
     with pytest.raises(lms.LMStudioModelNotFoundError) as info:
         lms.llm("aa/tinny")
     message = str(info.value)
+    if transport == "server":  # a network caller is not shown the server's folders
+        assert message == "No model in this server's catalog matches the key 'aa/tinny'"
+        return
     assert message.startswith("No model matches the key 'aa/tinny'. Did you mean 'aa/tiny'? Available: aa/tiny, aa/tiny-ctx64")
 
 
