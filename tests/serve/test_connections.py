@@ -4,6 +4,7 @@ does not read is dropped, duplicate request ids are refused, and startup fails i
 from __future__ import annotations
 
 import json
+import resource
 import socket
 import subprocess
 import sys
@@ -154,7 +155,7 @@ def test_a_client_that_reads_nothing_for_the_idle_timeout_is_dropped():
 
 def lmkernel_serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lmkernel", "serve", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          check=False, timeout=timeout)
 
 
 def test_a_taken_port_fails_in_one_line_before_loading_anything():
@@ -177,7 +178,8 @@ def test_a_taken_port_fails_in_one_line_before_loading_anything():
          "lmkernel serve: --max-models 1 is below the 2 models given with --model"),
         (["--idle-timeout", "0"], "lmkernel serve: --idle-timeout must be a positive number of seconds, got 0.0"),
         (["--max-connections", "-3"], "lmkernel serve: --max-connections must be a positive integer, got -3"),
-        (["--host", "no.such.host.invalid", "--api-key", "k"], "lmkernel serve: cannot listen on no.such.host.invalid:0: "),
+        (["--host", "no.such.host.invalid", "--api-key", "k"],
+         "lmkernel serve: cannot listen on no.such.host.invalid:0: "),
     ],
 )
 def test_startup_failures_are_one_line_and_exit_1(args, error):
@@ -185,3 +187,23 @@ def test_startup_failures_are_one_line_and_exit_1(args, error):
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith(error) and result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_open_file_limit_is_raised_for_the_connections_allowed():
+    from lmkernel.kernel.serve._limits import raise_open_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert raise_open_file_limit(1000) == (min(1000, hard), hard)
+        assert raise_open_file_limit(100) == (min(1000, hard), hard)  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    server = Server("--model", TINY, "--max-connections", "3000")  # after the model (and its engine) loaded
+    try:
+        with open(f"/proc/{server.proc.pid}/limits") as limits:
+            line = next(line for line in limits if line.startswith("Max open files"))
+        server_soft, server_hard = (int(v) if v != "unlimited" else 2**62 for v in line.split()[3:5])
+        assert server_soft >= min(server_hard, 3000 + 64 + 256)
+    finally:
+        assert server.stop() == 0

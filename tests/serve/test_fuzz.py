@@ -222,7 +222,8 @@ def test_fuzzed_native_frames_get_answers_and_the_connection_goes_on(server, sen
                 assert closing is not None and closing.error.message.startswith(("Request frame refused",
                                                                                  "Closing the connection"))
                 break
-            if isinstance(event, m.Failed) and event.id == 0 and "closing the connection" in event.error.message.lower():
+            failure = event.error.message.lower() if isinstance(event, m.Failed) and event.id == 0 else ""
+            if "closing the connection" in failure:
                 closing = event
             if isinstance(event, m.LoadedList) and event.id == SENTINEL:
                 break

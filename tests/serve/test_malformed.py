@@ -17,7 +17,7 @@ from lmkernel.kernel.serve._native import NativeConnection
 from lmkernel.kernel.serve._openai import OpenAIHandler
 
 from ..serve_helpers import in_process
-from ._client import error_of, frame, http_request, native_session, parse_response, read_all, read_event, read_response
+from ._client import error_of, frame, http_request, native_session, read_all, read_event, read_response
 
 
 def answer(request: bytes, config: ServeConfig | None = None, shut: bool = False) -> tuple[int, dict, bytes]:
@@ -25,10 +25,9 @@ def answer(request: bytes, config: ServeConfig | None = None, shut: bool = False
     result = []
 
     async def check(host, port):
-        async with await trio.open_tcp_stream(host, port) as stream:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(send, stream)
-                result.append(await read_response(stream))
+        async with await trio.open_tcp_stream(host, port) as stream, trio.open_nursery() as nursery:
+            nursery.start_soon(send, stream)
+            result.append(await read_response(stream))
 
     async def send(stream):
         try:

@@ -12,7 +12,7 @@ from lmkernel.kernel.serve._policy import looks_like_path
 
 from ..conftest import TINY, TINY_CTX64
 from ..serve_helpers import Server
-from ._client import error_of, exchange, frame, http_request, native_socket, parse_response, recv_event
+from ._client import exchange, frame, http_request, native_socket, parse_response, recv_event
 
 NOT_SERVED = ("Model {key!r} is not served here (served: 'aa/tiny'); the operator names the models with --model, "
               "or allows any model of the server's catalog with --any-model")
@@ -143,8 +143,8 @@ def test_no_model_named_and_none_loaded_is_refused_without_operator_models():
     server = Server()
     try:
         status, body = complete(server, None)
-        assert (status, body["error"]["message"]) == (404, "No model is loaded on this server, and it loads no "
-                                                           "model on request (the operator names models with --model)")
-        assert error_of(json.dumps(body).encode())["param"] == "model"
+        assert (status, body["error"]["param"]) == (404, "model")
+        assert body["error"]["message"] == ("No model is loaded on this server, and it loads no model on request "
+                                            "(the operator names models with --model)")
     finally:
         assert server.stop() == 0

@@ -85,9 +85,8 @@ class ServeConfig:
             value = getattr(self, f.name)
             if f.name.endswith("_timeout") and not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ServeError(f"--{f.name.replace('_', '-')} must be a positive number of seconds, got {value!r}")
-            if f.name.startswith("max_") or f.name == "send_buffer":
-                if not (isinstance(value, int) and value >= 1):
-                    raise ServeError(f"--{f.name.replace('_', '-')} must be a positive integer, got {value!r}")
+            if (f.name.startswith("max_") or f.name == "send_buffer") and not (isinstance(value, int) and value >= 1):
+                raise ServeError(f"--{f.name.replace('_', '-')} must be a positive integer, got {value!r}")
         if len(set(self.models)) > self.max_models:
             raise ServeError(f"--max-models {self.max_models} is below the {len(set(self.models))} models "
                              "given with --model")

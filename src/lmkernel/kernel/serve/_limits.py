@@ -21,7 +21,7 @@ FD_HEADROOM = 256  # open files beyond the connections: model files, threads' pi
 class Slot:
     """One connection's place among the server's connections."""
 
-    __slots__ = ("scope", "started", "idle_since", "evicted")
+    __slots__ = ("evicted", "idle_since", "scope", "started")
 
     def __init__(self, scope: trio.CancelScope) -> None:
         self.scope = scope

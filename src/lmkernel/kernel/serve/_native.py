@@ -137,8 +137,8 @@ class _Outbox:
         self.overflowed = False
 
     def put(self, payload: bytes) -> None:
-        """Queue a frame (on the kernel's loop: must not block or raise)."""
-        if self.overflowed:
+        """Queue a frame (on the kernel's loop: must not block or raise); ignored once ending."""
+        if self.overflowed or self._ending:
             return
         self._size += 4 + len(payload)
         if self._size > self._limit:

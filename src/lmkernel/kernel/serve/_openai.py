@@ -287,7 +287,7 @@ class OpenAIHandler:
             nursery.start_soon(self._watch_eof, nursery.cancel_scope)
             try:
                 await work()
-            except Exception as exc:  # re-raised below, outside the nursery's exception group
+            except Exception as exc:  # noqa: BLE001 (re-raised below, outside the nursery's exception group)
                 error = exc
             finally:
                 nursery.cancel_scope.cancel()
