@@ -71,8 +71,8 @@ def faults(tmp_path_factory):
                 os.environ[key] = value
 
 
-def inject(folder: Path, method: str, mode: str, after: int = 0, seconds: float | None = None) -> None:
-    spec = {"mode": mode, "after": after}
+def inject(folder: Path, method: str, mode: str, after: int = 0, seconds: float | None = None, times: int = 1) -> None:
+    spec = {"mode": mode, "after": after, "times": times}
     if seconds is not None:
         spec["seconds"] = seconds
     (folder / "faults.json").write_text(json.dumps({method: spec}))
@@ -244,6 +244,30 @@ def test_engine_fault_fails_the_prediction_and_the_engine_is_replaced(faults, ap
     bystander.check()
     clear(faults)
     expect_completion(api)  # the next request succeeds, on a healthy (or fresh) engine
+
+
+def test_an_engine_that_keeps_failing_is_unloaded_and_says_why(faults):
+    with lms.Client() as client:
+        model = client.llm.model(FAULTY)
+        model.complete("warm", config={"maxTokens": 2})
+        inject(faults, "step", "raise", times=3)
+        for _ in range(3):
+            with pytest.raises(lms.LMKernelBackendError, match="injected fault in step"):
+                model.complete("the cat", config={"maxTokens": 5})
+        with pytest.raises(lms.LMKernelModelNotFoundError) as info:
+            model.complete("the cat", config={"maxTokens": 5})
+        # Whether the request met the model on its way out or after, the answer says why.
+        assert "'zz/faulty' was unloaded" in str(info.value) or "it was unloaded because" in str(info.value)
+        assert str(info.value).endswith(
+            "Backend 'faults' failed 3 times in a row, last while predicting "
+            "model 'zz/faulty': InjectedFault: injected fault in step")
+        time.sleep(0.2)
+        with pytest.raises(lms.LMKernelModelNotFoundError, match="it was unloaded because: Backend 'faults' failed 3"):
+            model.complete("the cat", config={"maxTokens": 5})
+        assert FAULTY not in [m.identifier for m in client.llm.list_loaded()]
+        clear(faults)
+        reloaded = client.llm.model(FAULTY)  # loading it again starts afresh
+        assert reloaded.complete("the cat", config={"maxTokens": 2}).stats.predicted_tokens_count >= 1
 
 
 HANGS = [("step", 1), ("tokenize", 0), ("add", 0)]

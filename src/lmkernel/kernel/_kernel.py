@@ -44,6 +44,9 @@ log = logging.getLogger("lmkernel.kernel")
 
 
 
+ENDED_REMEMBERED = 64  # how many failed models' reasons are kept for "not found" answers
+
+
 def catalog_timeout() -> float:
     """Seconds a scan of the model folders may take (it calls every plugin's ``describe``):
     ``LMKERNEL_CATALOG_TIMEOUT``, default 60."""
@@ -71,6 +74,7 @@ class Kernel:
         self.discovery = discovery or discover()
         self.catalog = catalog or Catalog([s.backend for s in self.discovery.statuses if s.backend])
         self._actors: list[ModelActor] = []  # loaded and loading, in load order
+        self._ended: dict[str, str] = {}  # identifier -> why, for models that ended on a failure
         self._workers: list = []  # every engine worker whose thread may still run (for abandon_engines)
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
@@ -257,12 +261,19 @@ class Kernel:
     def _gone(self, actor: ModelActor) -> None:
         if actor in self._actors:
             self._actors.remove(actor)
+        if actor.end_reason is not None:  # it did not leave by choice: remember why, for a while
+            self._ended.pop(actor.info.identifier, None)
+            self._ended[actor.info.identifier] = actor.end_reason
+            while len(self._ended) > ENDED_REMEMBERED:
+                del self._ended[next(iter(self._ended))]
 
     def _not_found(self, peer: Peer, request_id: int, key: str) -> None:
-        loaded = ", ".join(a.info.identifier for a in self._actors if a.state == "ready") or "none"
+        loaded = ", ".join(a.info.identifier for a in self._actors if a.state in ("ready", "reloading")) or "none"
+        why = self._ended.get(key)
+        ended = f"; it was unloaded because: {why}" if why else ""
         peer.send(m.Failed(id=request_id, error=m.ErrorInfo(
             kind="model_not_found",
-            message=f"No loaded model has the identifier {key!r} (loaded: {loaded})",
+            message=f"No loaded model has the identifier {key!r} (loaded: {loaded}){ended}",
             model=key,
         )))
 
@@ -333,6 +344,7 @@ class Kernel:
         backend = self._choose_backend(entry, config)
         self._check_load_config(entry, backend, config)
         identifier = self._new_identifier(entry.key, request.identifier)
+        self._ended.pop(identifier, None)
         desc = entry.descriptions[backend.name]
         info = m.LlmInstanceInfo(
             **msgspec.structs.asdict(entry.info()),
