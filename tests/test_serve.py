@@ -217,6 +217,9 @@ class _FakeStream:
     async def send_all(self, data: bytes) -> None:
         self.sent += data
 
+    async def send_eof(self) -> None:
+        pass
+
     async def aclose(self) -> None:
         self.closed = True
 

@@ -43,6 +43,8 @@ __all__ = ["ServeConfig", "ServeError", "serve"]
 log = logging.getLogger("lmkernel.serve")
 
 MAX_REFUSING = 64  # connections answered "at the limit" at once; beyond, new ones are closed unanswered
+LINGER = 1.0  # seconds a closing connection drains what its client still sends
+MAX_LINGERING = 64  # connections draining at once; beyond, they close at once
 
 
 class ServeError(LMKernelError):
@@ -113,9 +115,9 @@ class _Server:
 
     async def connection(self, stream: trio.SocketStream) -> None:
         """Serve one accepted connection; nothing it does can end the server."""
+        slot = Slot(trio.CancelScope())
         try:
-            with trio.CancelScope() as scope:  # cancelled to evict it, or to drop a client that does not read
-                slot = Slot(scope)
+            with slot.scope:  # cancelled to evict it, or to drop a client that does not read
                 if not self.slots.admit(slot):
                     await self._refuse_full(stream)
                     return
@@ -128,6 +130,14 @@ class _Server:
         except* Exception:
             log.exception("connection handler failed; the connection is closed, the server goes on")
         finally:
+            # An evicted connection was told nothing: no answer to protect. Lingering ones are
+            # bounded, like refused ones, so that the open files stay bounded under a flood.
+            if not slot.evicted and self.slots.lingering < MAX_LINGERING:
+                self.slots.lingering += 1
+                try:
+                    await _linger(stream)
+                finally:
+                    self.slots.lingering -= 1
             await stream.aclose()
 
     async def _serve(self, stream: trio.SocketStream, slot: Slot) -> None:
@@ -194,6 +204,22 @@ class _Server:
             connections.cancel_scope.deadline = trio.current_time() + 2.0  # let responses flush
 
 
+async def _linger(stream: trio.SocketStream) -> None:
+    """Half-close, then drain what the client still sends (at most ``LINGER`` s and 1 MiB).
+
+    Closing a socket with unread bytes resets the connection, which can destroy the answer just
+    sent (a 413 while the body is still coming) before the client reads it.
+    """
+    with trio.move_on_after(LINGER):
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < 1 << 20 and (data := await stream.receive_some(65536)):
+                drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+            pass
+
+
 async def _refuse_remote(stream: trio.SocketStream, data: bytes, timeout: float) -> None:
     message = ("lmkernel serve refuses connections from other hosts unless it runs with --api-key "
                "or --allow-remote")
@@ -241,7 +267,7 @@ async def serve(
     """
     config.check()
     listeners = await _bind(config)  # before any model loads: a taken port fails at once
-    files_needed = config.max_connections + MAX_REFUSING + FD_HEADROOM
+    files_needed = config.max_connections + MAX_REFUSING + MAX_LINGERING + FD_HEADROOM
     raise_open_file_limit(files_needed)
     kernel = kernel or Kernel()
     policy = ModelPolicy(kernel, any_model=config.any_model, allow_unload=config.allow_unload,

@@ -46,6 +46,7 @@ class Slots:
         self.limit = limit
         self._live: dict[Slot, None] = {}
         self.refusing = 0  # connections being answered with a refusal right now
+        self.lingering = 0  # closed connections draining their client's last bytes
 
     def __len__(self) -> int:
         return len(self._live)
