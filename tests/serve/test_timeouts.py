@@ -192,3 +192,19 @@ def test_at_the_connection_limit_idle_connections_give_way_and_busy_ones_refuse(
         await native.aclose()
 
     in_process(check, ServeConfig(port=0, max_connections=2))
+
+
+def test_serve_runs_in_a_thread_and_stops_on_its_event():
+    import threading
+
+    answers = []
+
+    async def check(host, port):
+        async with await trio.open_tcp_stream(host, port) as stream:
+            await stream.send_all(HEALTH)
+            answers.append((await read_response(stream))[0])
+
+    thread = threading.Thread(target=in_process, args=(check,))  # no signals there: `stop` ends it
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive() and answers == [200]

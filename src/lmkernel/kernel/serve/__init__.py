@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import math
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -285,7 +286,8 @@ async def serve(
         async with trio.open_nursery() as root:
             await root.start(run_kernel)
             stop = trio.Event() if stop is None else stop
-            root.start_soon(_watch_signals, stop)
+            if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+                root.start_soon(_watch_signals, stop)
             with trio.CancelScope() as startup:
                 root.start_soon(_cancel_on, stop, startup)
                 failure = await _preload(kernel, policy, config.models, report)
