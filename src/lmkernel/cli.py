@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the kernel to other processes (native protocol and OpenAI API)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=1235, help="TCP port (0: any free port)")
-    serve.add_argument("--model", action="append", default=[], help="model to load at start (repeatable)")
+    serve.add_argument("--model", action="append", default=[],
+                       help="model to load at start and serve (repeatable); callers may use only these")
     serve.add_argument("--api-key", default=None, help="require this token (default: LMKERNEL_API_KEY)")
     serve.add_argument("--allow-remote", action="store_true",
                        help="accept connections from other hosts without an API key")
