@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,92 +27,42 @@ import trio
 
 from ..plugins.contract import Backend, LoadOptions, PromptProgress, SequenceEnd, Token
 from . import _worker as w
+from ._failures import backend_error, internal_error, unloaded_error
+from ._limits import engine_timeout, load_timeout
+from ._mailbox import (
+    _WAKE,
+    CancelMsg,
+    InfoMsg,
+    Mail,
+    Peer,
+    PredictMsg,
+    TokenizeMsg,
+    UnloadMsg,
+    _Wake,
+    mail_owner,
+)
 from ._prediction import PredictionRun, sampling_from_config
-from .config import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, LlmLoadModelConfig, LlmPredictionConfig
-from .messages import Done, ErrorInfo, Event, Failed, InstanceInfo, LlmInstanceInfo, Loaded, Queued, TokenLists
+from .config import (
+    DEFAULT_MAX_CONCURRENT,
+    DEFAULT_MAX_QUEUED,
+    LlmLoadModelConfig,
+    LlmPredictionConfig,
+)
+from .messages import (
+    Done,
+    ErrorInfo,
+    Failed,
+    InstanceInfo,
+    LlmInstanceInfo,
+    Loaded,
+    Queued,
+    TokenLists,
+)
 from .messages import LoadProgress as LoadProgressEvent
 
 log = logging.getLogger("lmkernel.kernel")
 
 seq_ids = itertools.count(1)
-
-DEFAULT_ENGINE_TIMEOUT = 300.0
-DEFAULT_LOAD_TIMEOUT = 1800.0
-
-
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        log.warning("ignoring %s=%r: not a number of seconds", name, raw)
-        return default
-    return value if value > 0 else default
-
-
-def engine_timeout() -> float:
-    """Seconds one engine call (a step, a tokenize ...) may take: ``LMKERNEL_ENGINE_TIMEOUT``, default 300."""
-    return _env_seconds("LMKERNEL_ENGINE_TIMEOUT", DEFAULT_ENGINE_TIMEOUT)
-
-
-def load_timeout() -> float:
-    """Seconds a backend's ``load`` may take: ``LMKERNEL_LOAD_TIMEOUT``, default 1800."""
-    return _env_seconds("LMKERNEL_LOAD_TIMEOUT", DEFAULT_LOAD_TIMEOUT)
-
-
-class Peer:
-    """The kernel's side of one client connection: events out, predictions it owns."""
-
-    def __init__(self, send: Callable[[Event], None]) -> None:
-        self.send = send
-        self.predictions: dict[int, tuple[ModelActor, int]] = {}
-        self.closed = False
-
-
-# ---- the mailbox's message family (kernel -> actor) ------------------------------------
-
-
-@dataclass(frozen=True)
-class PredictMsg:
-    peer: Peer
-    request_id: int
-    seq_id: int
-    prompt: str
-    config: LlmPredictionConfig
-
-
-@dataclass(frozen=True)
-class CancelMsg:
-    seq_id: int
-
-
-@dataclass(frozen=True)
-class TokenizeMsg:
-    peer: Peer
-    request_id: int
-    texts: list[str]
-
-
-@dataclass(frozen=True)
-class UnloadMsg:
-    peer: Peer
-    request_id: int
-
-
-@dataclass(frozen=True)
-class InfoMsg:
-    peer: Peer
-    request_id: int
-
-
-@dataclass(frozen=True)
-class _Wake:
-    """Wake the mailbox loop (recompute the idle deadline, or notice the end)."""
-
-
-Mail = PredictMsg | CancelMsg | TokenizeMsg | UnloadMsg | InfoMsg | _Wake
-_WAKE = _Wake()
-
 
 @dataclass(eq=False)
 class _Waiter:
@@ -131,12 +80,6 @@ class _Waiter:
 class _Running:
     peer: Peer
     run: PredictionRun
-
-
-def _mail_peer(item: Mail) -> tuple[Peer, int] | None:
-    if isinstance(item, PredictMsg | TokenizeMsg | UnloadMsg | InfoMsg):
-        return item.peer, item.request_id
-    return None
 
 
 @dataclass(eq=False)
@@ -242,7 +185,7 @@ class ModelActor:
                     self._dispatch(item)
                 except Exception as exc:  # a bug: the request that triggered it fails, alone
                     log.exception("model actor %s failed handling %s", self.info.identifier, type(item).__name__)
-                    if (owner := _mail_peer(item)) is not None:
+                    if (owner := mail_owner(item)) is not None:
                         owner[0].send(Failed(id=owner[1], error=self._kernel_error(exc, type(item).__name__)))
         finally:
             w.HANG_WATCH.unwatch(self._worker)
@@ -429,37 +372,13 @@ class ModelActor:
     # ---- errors ------------------------------------------------------------------------
 
     def _backend_error(self, error: BaseException, doing: str) -> ErrorInfo:
-        return ErrorInfo(
-            kind="backend",
-            message=(
-                f"Backend {self.backend.name!r} failed {doing} model {self.info.identifier!r}: "
-                f"{type(error).__name__}: {error}"
-            ),
-            backend=self.backend.name,
-            model=self.info.identifier,
-            original_type=f"{type(error).__module__}.{type(error).__qualname__}",
-            original_message=str(error),
-        )
+        return backend_error(self.backend.name, self.info.identifier, error, doing)
 
     def _kernel_error(self, error: BaseException, doing: str) -> ErrorInfo:
-        return ErrorInfo(
-            kind="server",
-            message=(
-                f"lmkernel failed handling {doing} for model {self.info.identifier!r}: "
-                f"{type(error).__name__}: {error}"
-            ),
-            model=self.info.identifier,
-            original_type=f"{type(error).__module__}.{type(error).__qualname__}",
-            original_message=str(error),
-        )
+        return internal_error(error, f"{doing} for model {self.info.identifier!r}", model=self.info.identifier)
 
     def _gone_error(self) -> ErrorInfo:
-        why = f": {self.end_reason}" if self.end_reason else ""
-        return ErrorInfo(
-            kind="model_not_found",
-            message=f"Model {self.info.identifier!r} was unloaded{why}",
-            model=self.info.identifier,
-        )
+        return unloaded_error(self.info.identifier, self.end_reason)
 
     # ---- ending ------------------------------------------------------------------------
 

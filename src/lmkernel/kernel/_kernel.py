@@ -22,13 +22,15 @@ from ..errors import (
     LMKernelError,
     LMKernelUnsupportedConfigError,
     LMKernelValueError,
-    error_kind,
 )
 from ..plugins.contract import Backend
 from ..plugins.discovery import Discovery, discover
 from . import messages as m
-from ._actor import _env_seconds, CancelMsg, InfoMsg, ModelActor, Peer, PredictMsg, TokenizeMsg, UnloadMsg, _Waiter, seq_ids
+from ._actor import ModelActor, _Waiter, seq_ids
 from ._catalog import Catalog, CatalogEntry
+from ._failures import internal_error, request_error
+from ._limits import catalog_timeout
+from ._mailbox import CancelMsg, InfoMsg, Peer, PredictMsg, TokenizeMsg, UnloadMsg
 from ._worker import Shutdown
 from .config import (
     KERNEL_LOAD_KEYS,
@@ -47,24 +49,6 @@ log = logging.getLogger("lmkernel.kernel")
 ENDED_REMEMBERED = 64  # how many failed models' reasons are kept for "not found" answers
 
 
-def catalog_timeout() -> float:
-    """Seconds a scan of the model folders may take (it calls every plugin's ``describe``):
-    ``LMKERNEL_CATALOG_TIMEOUT``, default 60."""
-    return _env_seconds("LMKERNEL_CATALOG_TIMEOUT", 60.0)
-
-
-def _error(exc: LMKernelError, **extra: str | None) -> m.ErrorInfo:
-    return m.ErrorInfo(kind=error_kind(exc), message=str(exc), **extra)
-
-
-def _internal(exc: BaseException, request: m.Request) -> m.ErrorInfo:
-    """A failure inside lmkernel while handling ``request``: reported to its sender."""
-    return m.ErrorInfo(
-        kind="server",
-        message=f"lmkernel failed handling the {type(request).__name__} request: {type(exc).__name__}: {exc}",
-        original_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-        original_message=str(exc),
-    )
 
 
 class Kernel:
@@ -157,10 +141,10 @@ class Kernel:
         try:
             self._handle(peer, request)
         except LMKernelError as exc:
-            peer.send(m.Failed(id=request.id, error=_error(exc)))
+            peer.send(m.Failed(id=request.id, error=request_error(exc)))
         except Exception as exc:
             log.exception("handling a %s request failed", type(request).__name__)
-            peer.send(m.Failed(id=request.id, error=_internal(exc, request)))
+            peer.send(m.Failed(id=request.id, error=internal_error(exc, f"the {type(request).__name__} request")))
 
     def _handle(self, peer: Peer, request: m.Request) -> None:
         match request:
@@ -205,10 +189,10 @@ class Kernel:
             try:
                 await fn(peer, request)
             except LMKernelError as exc:
-                peer.send(m.Failed(id=request.id, error=_error(exc)))
+                peer.send(m.Failed(id=request.id, error=request_error(exc)))
             except Exception as exc:
                 log.exception("handling a %s request failed", type(request).__name__)
-                peer.send(m.Failed(id=request.id, error=_internal(exc, request)))
+                peer.send(m.Failed(id=request.id, error=internal_error(exc, f"the {type(request).__name__} request")))
 
         self._nursery.start_soon(guarded)
 
@@ -288,7 +272,7 @@ class Kernel:
             config = parse_prediction_config(request.config)
             self._check_supported(config, actor)
         except LMKernelError as exc:
-            peer.send(m.Failed(id=request.id, error=_error(exc, model=actor.info.identifier)))
+            peer.send(m.Failed(id=request.id, error=request_error(exc, model=actor.info.identifier)))
             return
         seq_id = next(seq_ids)
         peer.predictions[request.id] = (actor, seq_id)  # so a cancel right behind it finds it
@@ -316,7 +300,7 @@ class Kernel:
         try:
             await self._load_or_get(peer, request)
         except LMKernelError as exc:
-            peer.send(m.Failed(id=request.id, error=_error(exc, model=request.model)))
+            peer.send(m.Failed(id=request.id, error=request_error(exc, model=request.model)))
         # anything else: _spawn's guard fails the request
 
     async def _load_or_get(self, peer: Peer, request: m.Load) -> None:

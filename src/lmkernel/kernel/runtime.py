@@ -18,7 +18,7 @@ from collections.abc import Callable
 import trio
 
 from ..errors import LMKernelConnectionError
-from ._actor import Peer
+from ._mailbox import Peer
 from ._kernel import Kernel
 
 __all__ = ["InProcessConnection", "KernelThread", "default_kernel"]
