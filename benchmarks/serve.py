@@ -98,7 +98,7 @@ def main() -> None:
     local = lms.llm(str(path))
     ours = LmkernelServer(path)
     remote_client = lms.Client(ours.host)
-    remote = remote_client.llm.model(str(path))
+    remote = remote_client.llm.model(local.identifier)  # a network caller names a model, never a path
     theirs = MlxServer(path)
     key = local.identifier
     paths = {

@@ -73,3 +73,21 @@ def test_a_server_that_dies_fails_every_remote_waiter_within_a_second(transport)
             model.complete("x", config={"maxTokens": 1})
     finally:
         server.stop()
+
+
+def test_a_client_left_idle_past_the_servers_idle_timeout_dials_again(transport):
+    if transport != "server":
+        pytest.skip("a server's idle timeout")
+    from ..serve_helpers import Server
+
+    server = Server("--model", TINY, "--idle-timeout", "1")
+    try:
+        with lms.Client(server.host) as client:
+            model = client.llm.model(TINY)
+            assert model.complete("the cat", config={"maxTokens": 2}).stats.predicted_tokens_count >= 1
+            time.sleep(2.5)  # the server closes the idle connection
+            assert client._conn._transport is None  # it did: nothing was in flight, so nobody failed
+            assert model.complete("the cat", config={"maxTokens": 2}).stats.predicted_tokens_count >= 1
+            assert client._conn._generation == 1  # the second call dialled again
+    finally:
+        assert server.stop() == 0

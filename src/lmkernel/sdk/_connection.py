@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import os
 import queue
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -147,6 +148,10 @@ class Connection:
         self.closed = False
         #: Why the connection was lost (the kernel or the server went away), else ``None``.
         self.lost: str | None = None
+        self._remote = api_host is not None
+        self._generation = 0
+        self._server_said: str | None = None  # the last connection-level error (id 0) from a server
+        self._dial_lock = threading.Lock()
         if api_host is None:
             from ..kernel.runtime import default_kernel
 
@@ -155,21 +160,43 @@ class Connection:
             from ._remote import SocketTransport
 
             token = token if token is not None else os.environ.get("LMKERNEL_API_TOKEN") or None
-            self._transport = SocketTransport(api_host, token, self._feed, self._lost)
+
+            def dial(generation: int) -> SocketTransport:
+                return SocketTransport(api_host, token, self._feed, lambda reason: self._lost(reason, generation))
+
+            self._dial = dial
+            self._transport = dial(0)
+
+    def _current_transport(self):
+        """The transport to send on; a server connection closed while idle is dialled again."""
+        transport = self._transport
+        if transport is None:
+            with self._dial_lock:
+                if self._transport is None:
+                    self._generation += 1
+                    self._transport = self._dial(self._generation)
+                transport = self._transport
+        return transport
 
     def open(self, make: Callable[[int], m.Request], waker=None) -> tuple[int, Inbox]:
         """Send the request ``make(id)``; return its id and the inbox its events arrive in."""
         self.check_open()
+        transport = self._current_transport()
         request_id = next(self._ids)
         inbox = Inbox(waker)
         self._inboxes[request_id] = inbox
-        self._transport.send(m.encode(make(request_id)))
+        try:
+            transport.send(m.encode(make(request_id)))
+        except BaseException:
+            self._inboxes.pop(request_id, None)
+            raise
         return request_id, inbox
 
     def send(self, make: Callable[[int], m.Request]) -> None:
         """Send a request that gets no answer of its own (a cancel)."""
-        if not self.closed:
-            self._transport.send(m.encode(make(next(self._ids))))
+        transport = self._transport
+        if not self.closed and transport is not None:
+            transport.send(m.encode(make(next(self._ids))))
 
     def check_open(self) -> None:
         """Raise if no request can be sent: closed by the user, or lost."""
@@ -187,6 +214,8 @@ class Connection:
                 return
         inbox = self._inboxes.get(event.id)
         if inbox is None:
+            if event.id == 0 and isinstance(event, m.Failed):
+                self._server_said = event.error.message
             return
         if m.is_terminal(event):
             del self._inboxes[event.id]
@@ -197,10 +226,24 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        self._transport.close()
+        if self._transport is not None:
+            self._transport.close()
         self._fail_all("The client was closed before the kernel answered")
 
-    def _lost(self, reason: str) -> None:  # reader thread of a socket transport, or the ending kernel thread
+    def _lost(self, reason: str, generation: int = 0) -> None:
+        """The transport ended (reader thread of a socket, or the ending kernel thread).
+
+        A server that closed a connection with nothing in flight (its idle timeout) is
+        dialled again by the next request; otherwise every waiter fails now.
+        """
+        if generation != self._generation or self.closed:
+            return  # an old socket's goodbye, or our own close
+        if self._server_said is not None:
+            reason = f"{reason} ({self._server_said})"
+        if self._remote and not self._inboxes:
+            self._transport = None
+            self._server_said = None
+            return
         self.lost = reason
         self.closed = True
         self._fail_all(f"Lost the connection to the kernel: {reason}")

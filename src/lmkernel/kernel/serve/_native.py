@@ -107,7 +107,9 @@ class _Reader:
                 deadline = self._started + self._frame_timeout
             else:
                 idle = idle_deadline()
-                deadline = now + self._frame_timeout if idle is None else idle
+                # Busy (requests in flight): look again each second, so that the idle clock
+                # starts when the last request ends, not a frame timeout later.
+                deadline = now + min(self._frame_timeout, 1.0) if idle is None else idle
             with trio.move_on_at(deadline) as scope:
                 data = await self._stream.receive_some(65536)
             if scope.cancelled_caught:
