@@ -37,13 +37,19 @@ CATALOG_TIMEOUT = 3.0
 SLACK = 4.0  # how much later than its limit a hung call may be reported (a loaded 2-core machine)
 
 
+def build_faulty_model(root: Path) -> Path:
+    """A tiny real Llama under ``root`` that the fault plugin accepts (no fault yet)."""
+    folder = root / FAULTY
+    build_tiny_llama(folder, hidden_size=64, num_layers=2, num_heads=2, seed=5)
+    (folder / "faults.json").write_text("{}")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
     """A private kernel that knows the fault plugin, as the process's default kernel."""
     root = tmp_path_factory.mktemp("fault-models")
-    folder = root / FAULTY
-    build_tiny_llama(folder, hidden_size=64, num_layers=2, num_heads=2, seed=5)
-    (folder / "faults.json").write_text("{}")
+    folder = build_faulty_model(root)
     saved_env = {k: os.environ.get(k) for k in (
         "LMKERNEL_MODELS", "LMKERNEL_ENGINE_TIMEOUT", "LMKERNEL_LOAD_TIMEOUT", "LMKERNEL_CATALOG_TIMEOUT")}
     os.environ["LMKERNEL_MODELS"] += os.pathsep + str(root)

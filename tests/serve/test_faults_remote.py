@@ -18,7 +18,6 @@ import urllib.request
 import pytest
 
 import lmkernel as lms
-from lmkernel.testing import build_tiny_llama
 
 from ..conftest import TINY
 from ..kernel.test_faults import (
@@ -28,6 +27,7 @@ from ..kernel.test_faults import (
     LOAD_TIMEOUT,
     PREDICTION_FAULTS,
     SLACK,
+    build_faulty_model,
     clear,
     expect_error,
     inject,
@@ -38,9 +38,7 @@ from ..serve_helpers import Server
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("remote-fault-models")
-    folder = root / FAULTY
-    build_tiny_llama(folder, hidden_size=64, num_layers=2, num_heads=2, seed=5)
-    (folder / "faults.json").write_text("{}")
+    folder = build_faulty_model(root)
     env = {
         "PYTHONPATH": os.pathsep.join(p for p in (str(FAULTS_DIR), os.environ.get("PYTHONPATH", "")) if p),
         "LMKERNEL_MODELS": os.environ["LMKERNEL_MODELS"] + os.pathsep + str(root),

@@ -7,9 +7,23 @@ the worker treats that exactly like an exception raised by the engine.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterable
+from typing import Any
 
-from ..plugins.contract import Engine, PromptProgress, SequenceEnd, StepEvent, Token
+from ..errors import LMKernelValueError
+from ..plugins.contract import (
+    Engine,
+    ModelDescription,
+    PromptProgress,
+    SequenceEnd,
+    StepEvent,
+    Token,
+)
+from .config import INT64_MAX, show, unicode_problem
+from .messages import ModelFormat
+
+_FORMATS = frozenset(typing.get_args(ModelFormat))
 
 _INT64 = 2**63
 
@@ -66,3 +80,32 @@ def check_events(events: object, active: set[int]) -> list[StepEvent]:
         if event.seq_id not in active:
             raise PluginValueError(f"step() returned an event for a sequence it does not hold: {_short(event)}")
     return list(events)
+
+
+def check_description(backend_name: str, desc: Any) -> ModelDescription:
+    """Return ``desc`` if it is a well-formed :class:`ModelDescription`; raise ``LMKernelValueError`` if not.
+
+    What a plugin's ``describe()`` returns crosses into the protocol (``LlmInfo``): a wrong
+    value there is that plugin's error, named with the rule and the value.
+    """
+
+    def bad(what: str) -> LMKernelValueError:
+        return LMKernelValueError(f"Backend {backend_name!r} returned an invalid model description: {what}")
+
+    if not isinstance(desc, ModelDescription):
+        raise bad(f"describe() must return a ModelDescription or None, got {type(desc).__name__}: {show(desc)}")
+    if desc.format not in _FORMATS:
+        raise bad(f"format must be one of {', '.join(sorted(_FORMATS))}, got {show(desc.format)}")
+    for name, low in (("max_context_length", 1), ("size_bytes", 0)):
+        value = getattr(desc, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
+            raise bad(f"{name} must be an integer from {low} to 2**63-1, got {show(value)}")
+    for name in ("architecture", "params_string", "display_name"):
+        value = getattr(desc, name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise bad(f"{name} must be a string or None, got {type(value).__name__}: {show(value)}")
+        if (problem := unicode_problem(value)) is not None:
+            raise bad(f"{name} must be valid Unicode text, got {show(value)} ({problem})")
+    return desc

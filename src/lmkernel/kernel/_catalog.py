@@ -27,7 +27,6 @@ import os
 import queue
 import shutil
 import threading
-import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,9 @@ from typing import Any, TypeVar
 
 from ..errors import LMKernelModelNotFoundError, LMKernelValueError
 from ..plugins.contract import Backend, ModelDescription
-from .config import INT64_MAX, show, unicode_problem
-from .messages import LlmInfo, ModelFormat
+from ._boundary import check_description
+from .config import show, unicode_problem
+from .messages import LlmInfo
 
 T = TypeVar("T")
 log = logging.getLogger("lmkernel")
@@ -53,7 +53,6 @@ MAX_NAME_BYTES = 255
 DESCRIBE_TIMEOUT = 10.0
 
 _FS_ERRORS = (OSError, ValueError, RuntimeError)  # file names too long, NUL bytes, unknown ~user
-_FORMATS = frozenset(typing.get_args(ModelFormat))
 
 
 class _DescribeHung(Exception):
@@ -94,35 +93,6 @@ def check_key(key: Any) -> str:
             f" with at most {MAX_NAME_BYTES} bytes between slashes (this one: {size} bytes, longest part {longest})"
         )
     return key
-
-
-def check_description(backend_name: str, desc: Any) -> ModelDescription:
-    """Return ``desc`` if it is a well-formed :class:`ModelDescription`; raise ``LMKernelValueError`` if not.
-
-    What a plugin's ``describe()`` returns crosses into the protocol (``LlmInfo``): a wrong
-    value there is that plugin's error, named with the rule and the value.
-    """
-
-    def bad(what: str) -> LMKernelValueError:
-        return LMKernelValueError(f"Backend {backend_name!r} returned an invalid model description: {what}")
-
-    if not isinstance(desc, ModelDescription):
-        raise bad(f"describe() must return a ModelDescription or None, got {type(desc).__name__}: {show(desc)}")
-    if desc.format not in _FORMATS:
-        raise bad(f"format must be one of {', '.join(sorted(_FORMATS))}, got {show(desc.format)}")
-    for name, low in (("max_context_length", 1), ("size_bytes", 0)):
-        value = getattr(desc, name)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
-            raise bad(f"{name} must be an integer from {low} to 2**63-1, got {show(value)}")
-    for name in ("architecture", "params_string", "display_name"):
-        value = getattr(desc, name)
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise bad(f"{name} must be a string or None, got {type(value).__name__}: {show(value)}")
-        if (problem := unicode_problem(value)) is not None:
-            raise bad(f"{name} must be valid Unicode text, got {show(value)} ({problem})")
-    return desc
 
 
 def demo_model_path() -> Path:
