@@ -19,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
 from mlx_lm.utils import load as mlx_load
 
@@ -44,6 +45,46 @@ def _vocab_bound(model: nn.Module, tokenizer) -> int:
     return min(sizes) if sizes else 2**31
 
 
+class _LoneDecodeCache:
+    """A :class:`BatchKVCache` seen by a decode step of a batch of one: no attention mask.
+
+    With one sequence and no left padding the batch mask of a one-token step is all True,
+    so ``None`` (what ``mlx_lm.generate_step``'s ``KVCache`` gives) computes the same thing,
+    through MLX's unmasked attention: 4% faster decode on the tiny float32 Llama (2 vCPUs).
+    Everything else is the wrapped cache's own.
+    """
+
+    __slots__ = ("_cache",)
+
+    def __init__(self, cache: BatchKVCache) -> None:
+        self._cache = cache
+
+    def __getattr__(self, name: str):
+        return getattr(self._cache, name)
+
+    def make_mask(self, N: int, **kwargs):
+        return None if N == 1 else self._cache.make_mask(N, **kwargs)
+
+
+class _BatchModel:
+    """The model as the batch generator calls it: a lone decoding sequence skips the mask."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def __call__(self, inputs: mx.array, cache=None, **kwargs):
+        if cache and inputs.shape[:2] == (1, 1) and all(_lone(c) for c in cache):
+            cache = [_LoneDecodeCache(c) for c in cache]
+        return self._model(inputs, cache=cache, **kwargs)
+
+
+def _lone(cache: object) -> bool:
+    return type(cache) is BatchKVCache and cache.left_padding.shape == (1,) and cache.left_padding.item() == 0
+
+
 @dataclass(eq=False)
 class _Sequence:
     seq_id: int
@@ -64,7 +105,7 @@ class MLXEngine(Engine):
         self.context_length = context_length
         self.prefill_step = prefill_step
         self._batch = BatchGenerator(
-            model,
+            _BatchModel(model),
             max_tokens=context_length,
             stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
             completion_batch_size=max_batch,
