@@ -48,3 +48,9 @@ def test_models_and_backends():
     assert "exllamav2" in lines  # listed, with the reason it cannot run here (or what it offers)
     none = lmkernel("backends", LMKERNEL_BACKENDS="nothing")
     assert "No backends registered" in none.stdout
+
+
+def test_serve_refuses_a_port_out_of_range():
+    done = lmkernel("serve", "--port", "99999")
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("argument --port: a port is an integer from 0 to 65535, got 99999")

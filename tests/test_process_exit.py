@@ -132,3 +132,63 @@ def test_cli_interrupted_mid_stream_ends_quietly():
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
     assert_clean(subprocess.CompletedProcess(proc.args, proc.returncode, b"", stderr.decode()), status=130)
+
+
+FORK = """
+    import os, sys, time
+    import lmkernel as lms
+    model = lms.llm(sys.argv[1])
+    model.complete("hi", config={"maxTokens": 2})
+    pid = os.fork()
+    if pid == 0:
+        start = time.monotonic()
+        try:
+            model.complete("hi", config={"maxTokens": 2})
+        except lms.LMKernelConnectionError as exc:
+            print("old handle:", exc)
+        try:
+            lms.llm(sys.argv[1])
+        except lms.LMKernelBackendError as exc:
+            print("new load:", exc)
+        print(f"child took {time.monotonic() - start:.1f} s")
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("child status", status)
+    print(model.complete("hi", config={"maxTokens": 2}).stats.predicted_tokens_count >= 1)
+"""
+
+
+def test_a_forked_child_is_told_at_once_that_the_kernel_stayed_with_its_parent():
+    done = run_python(FORK, TINY, timeout=60)
+    assert_clean(done)
+    lines = done.stdout.splitlines()
+    assert lines[0] == ("old handle: Lost the connection to the kernel: the process forked: the kernel runs in "
+                        "the parent process, not in this one")
+    assert lines[1].startswith("new load: Backend 'mlx' failed while loading model 'aa/tiny': RuntimeError: MLX was "
+                               "started in the parent of this forked process and cannot run here")
+    assert float(lines[2].split()[2]) < 5.0
+    assert lines[3:] == ["child status 0", "True"]  # the parent's kernel is untouched
+
+
+def test_a_second_ctrl_c_during_the_servers_shutdown_exits_at_once_without_a_traceback():
+    from .serve_helpers import Server
+
+    server = Server("--model", TINY)
+    with __import__("lmkernel").Client(server.host) as client:
+        stream = client.llm.model(TINY).complete_stream(
+            "the cat", config={"maxTokens": 100_000, "stopStrings": ["never-produced-xyz"]})
+        stream.start()
+        import time
+
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        server.proc.send_signal(signal.SIGINT)
+        rc = server.proc.wait(30)
+    server.log.seek(0)
+    log = server.log.read()
+    assert rc == 130, log
+    assert "SIGINT again during shutdown: exiting now" in log
+    for sign in CRASH_SIGNS:
+        assert sign not in log, log
+    server.stop()

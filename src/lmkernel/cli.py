@@ -143,6 +143,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port number (0: any free port), for argparse."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is an integer from 0 to 65535, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is an integer from 0 to 65535, got {port}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmkernel", description="Run local language models in-process.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the kernel to other processes (native protocol and OpenAI API)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=1235, help="TCP port (0: any free port)")
+    serve.add_argument("--port", type=_port, default=1235, help="TCP port (0: any free port)")
     serve.add_argument("--model", action="append", default=[],
                        help="model to load at start and serve (repeatable); callers may use only these")
     serve.add_argument("--api-key", default=None, help="require this token (default: LMKERNEL_API_KEY)")

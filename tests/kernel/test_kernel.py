@@ -178,3 +178,22 @@ def test_prediction_keys_a_backend_declares_reach_its_engine(scripted):
         assert "'topKSampling' are not supported by backend 'scripted'" in refused.error.message
 
     run(kernel, scenario)
+
+
+def test_load_values_from_the_network_are_checked_in_the_kernel(scripted):
+    backend, kernel = scripted
+
+    async def scenario(client: Client):
+        for ttl in (math.nan, -1.0, 0.0):
+            end = (await client.until_done(client.request(m.Load, model="one", ttl=ttl)))[-1]
+            assert isinstance(end, m.Failed) and end.error.kind == "value", end
+            assert end.error.message.startswith("ttl must be a positive number of seconds or None")
+        for identifier, rule in (("x\x00y", "cannot contain control or unassigned characters"),
+                                 ("a" * 300, "at most 256 characters"), ("", "must be a non-empty string")):
+            end = (await client.until_done(client.request(
+                m.Load, model="one", identifier=identifier, new_instance=True)))[-1]
+            assert isinstance(end, m.Failed) and rule in end.error.message, end
+        listed = (await client.until_done(client.request(m.ListLoaded)))[-1]
+        assert listed.models == [] and backend.loads == 0
+
+    run(kernel, scenario)

@@ -37,6 +37,8 @@ from .config import (
     KERNEL_PREDICTION_KEYS,
     LlmLoadModelConfig,
     LlmPredictionConfig,
+    check_identifier,
+    check_ttl,
     parse_load_config,
     parse_prediction_config,
     set_keys,
@@ -304,6 +306,9 @@ class Kernel:
         # anything else: _spawn's guard fails the request
 
     async def _load_or_get(self, peer: Peer, request: m.Load) -> None:
+        check_ttl(request.ttl)  # values from the network are checked here, not only in the SDK
+        if request.identifier is not None:
+            check_identifier(request.identifier)
         config = parse_load_config(request.config)
         if request.model is None and not request.new_instance:
             ready = [a for a in self._actors if a.state == "ready"]

@@ -16,13 +16,14 @@ import functools
 import math
 import reprlib
 import typing
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import msgspec
 
 from .._struct import PublicStruct, snake_to_camel
-from ..errors import LMKernelConfigError
+from ..errors import LMKernelConfigError, LMKernelValueError
 
 __all__ = [
     "KERNEL_PREDICTION_KEYS",
@@ -389,3 +390,38 @@ def parse_load_config(config: Any) -> LlmLoadModelConfig:
 def set_keys(config: msgspec.Struct) -> set[str]:
     """Return the camelCase keys a config struct sets (its non-``None`` fields)."""
     return set(msgspec.to_builtins(config))
+
+
+def check_ttl(ttl: Any) -> None:
+    """Refuse a ``ttl`` that is not a positive, finite number of seconds (or ``None``)."""
+    if ttl is None:
+        return
+    ok = (
+        not isinstance(ttl, bool)
+        and isinstance(ttl, int | float)
+        and (math.isfinite(ttl) if isinstance(ttl, float) else ttl <= INT64_MAX)
+        and ttl > 0
+    )
+    if not ok:
+        raise LMKernelValueError(
+            f"ttl must be a positive number of seconds or None, got {show(ttl)}"
+            " (finite, at most 2**63-1; None: never unload for idleness)"
+        )
+
+
+MAX_IDENTIFIER_CHARS = 256
+
+
+def check_identifier(identifier: Any) -> str:
+    """Refuse an instance identifier that is not short, printable, valid Unicode text."""
+    if not isinstance(identifier, str) or not identifier:
+        raise LMKernelValueError(f"An instance identifier must be a non-empty string, got {show(identifier)}")
+    if len(identifier) > MAX_IDENTIFIER_CHARS:
+        raise LMKernelValueError(
+            f"An instance identifier is at most {MAX_IDENTIFIER_CHARS} characters, got {len(identifier)}")
+    if (problem := unicode_problem(identifier)) is not None:
+        raise LMKernelValueError(f"An instance identifier must be valid Unicode text, got {show(identifier)} ({problem})")
+    if any(unicodedata.category(ch)[0] == "C" for ch in identifier):
+        raise LMKernelValueError(
+            f"An instance identifier cannot contain control or unassigned characters, got {show(identifier)}")
+    return identifier

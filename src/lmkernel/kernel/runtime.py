@@ -12,14 +12,16 @@ the interpreter exits (models unloaded, engine threads ended cleanly).
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable
 
 import trio
 
 from ..errors import LMKernelConnectionError
-from ._mailbox import Peer
 from ._kernel import Kernel
+from ._mailbox import Peer
 
 __all__ = ["InProcessConnection", "KernelThread", "default_kernel"]
 
@@ -68,6 +70,7 @@ class KernelThread:
         self._stopping = False
 
     def start(self) -> KernelThread:
+        _all.add(self)
         self._thread = threading.Thread(target=self._main, name="lmkernel-kernel", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -102,6 +105,17 @@ class KernelThread:
                 connection._lost(reason)
             except Exception:  # one client's broken callback must not keep the others waiting
                 log.exception("telling a connection that the kernel ended failed")
+
+    def _forked(self) -> None:
+        """In a forked child: this kernel's thread does not exist here."""
+        self._lock = threading.Lock()
+        self._token = None
+        self._error = None
+        self._stopping = False
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for connection in connections:
+            connection._lost("the process forked: the kernel runs in the parent process, not in this one")
 
     def _forget(self, connection: InProcessConnection) -> None:
         with self._lock:
@@ -176,6 +190,24 @@ class KernelThread:
 
 _default: KernelThread | None = None
 _default_lock = threading.Lock()
+_all: weakref.WeakSet[KernelThread] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: its kernels are gone, and say so.
+
+    Every connection to them fails at once (``Lost the connection ...``); the convenience
+    API starts a fresh kernel in the child on its next call.
+    """
+    global _default, _default_lock
+    _default_lock = threading.Lock()  # it may have been held by another thread at fork time
+    _default = None
+    for kernel in list(_all):
+        kernel._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_kernel() -> KernelThread:

@@ -8,7 +8,6 @@ progress, and how to read the terminal event. The sync facade runs a call with
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -22,8 +21,9 @@ from ..errors import (
 )
 from ..kernel import messages as m
 from ..kernel.config import (
-    INT64_MAX,
     LlmLoadModelConfig,
+    check_identifier,
+    check_ttl,
     parse_load_config,
     parse_prediction_config,
     show,
@@ -88,23 +88,6 @@ def check_text(value: Any, what: str, *, empty: bool = True) -> str:
     return value
 
 
-def check_ttl(ttl: Any) -> None:
-    """Refuse a ``ttl`` that is not a positive, finite number of seconds (or ``None``)."""
-    if ttl is None:
-        return
-    ok = (
-        not isinstance(ttl, bool)
-        and isinstance(ttl, int | float)
-        and (math.isfinite(ttl) if isinstance(ttl, float) else ttl <= INT64_MAX)
-        and ttl > 0
-    )
-    if not ok:
-        raise LMKernelValueError(
-            f"ttl must be a positive number of seconds or None, got {show(ttl)}"
-            " (finite, at most 2**63-1; None: never unload for idleness)"
-        )
-
-
 # ---- operations ----------------------------------------------------------------------
 
 
@@ -121,7 +104,7 @@ def load(
     if key is not None:
         check_text(key, "A model key", empty=False)
     if identifier is not None:
-        check_text(identifier, "An instance identifier", empty=False)
+        check_identifier(identifier)
     check_ttl(ttl)
     settings = parse_load_config(config).to_dict()
     return Call(

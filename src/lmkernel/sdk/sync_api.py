@@ -7,9 +7,9 @@ use one client at once.
 
 from __future__ import annotations
 
-import weakref
-
+import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -328,6 +328,15 @@ def get_default_client(api_host: str | None = None) -> Client:
             # First use, or the kernel behind it is gone: a fresh client (and kernel).
             _default_client = Client(_default_host)
         return _default_client
+
+
+def _after_fork_in_child() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()  # it may have been held by another thread at fork time
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _reset_default_client() -> None:

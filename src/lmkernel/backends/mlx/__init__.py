@@ -13,6 +13,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import struct
 import sys
 import threading
@@ -62,6 +63,17 @@ def _safetensors_params(files: list[Path]) -> int:
 
 
 _import_lock = threading.Lock()
+_forked_after_mlx = False  # set in a child forked from a process that had started MLX
+
+
+def _after_fork_in_child() -> None:
+    global _forked_after_mlx
+    if "mlx.core" in sys.modules:
+        _forked_after_mlx = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 _main_thread_hooked = False
 
 
@@ -246,6 +258,12 @@ class MLXBackend(Backend):
         )
 
     def load(self, path: Path, options: LoadOptions, on_progress: Callable[[float], None]) -> Engine:
+        if _forked_after_mlx:
+            raise RuntimeError(
+                "MLX was started in the parent of this forked process and cannot run here (fork copies "
+                "none of MLX's worker threads, so every evaluation would hang); start this process with "
+                "multiprocessing's 'spawn' or 'forkserver' method instead"
+            )
         _blas.preload()
         load_engine = _import_engine()
         return load_engine(path, options, on_progress)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -312,7 +314,16 @@ async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
 
 
 async def _watch_signals(stop: trio.Event) -> None:
+    """The first SIGINT/SIGTERM shuts down gracefully; another one while that runs exits at once.
+
+    The receiver stays open until the server ends, so a second Ctrl-C never surfaces as a
+    ``KeyboardInterrupt`` traceback from the middle of the shutdown.
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            stop.set()
-            return
+        async for signum in signals:
+            if not stop.is_set():
+                stop.set()
+                continue
+            sys.stderr.write(f"lmkernel serve: {signal.Signals(signum).name} again during shutdown: exiting now\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)  # no cleanup left that is worth a traceback
