@@ -197,3 +197,19 @@ def test_load_values_from_the_network_are_checked_in_the_kernel(scripted):
         assert listed.models == [] and backend.loads == 0
 
     run(kernel, scenario)
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(scripted):
+    backend, kernel = scripted
+
+    async def scenario(client: Client):
+        await client.until_done(client.request(m.Load, model="one"))
+        huge = "ab" * 128_001  # over 256 characters per token of the 1000-token context
+        end = (await client.until_done(client.request(m.Predict, model="one", prompt=huge)))[-1]
+        assert isinstance(end, m.Failed) and end.error.kind == "prompt_too_long"
+        assert end.error.message == (
+            "The prompt is 256002 characters but model 'one' has a context length of 1000 tokens: it cannot "
+            "fit (no tokenizer packs more than 256 characters into a token; refused before tokenizing)")
+        assert backend.samplings == []  # never reached the engine
+
+    run(kernel, scenario)

@@ -119,6 +119,22 @@ def test_health_says_only_ok_without_the_key():
     assert json.loads(body) == {"status": "ok", "models": [], "predictions": 0}
 
 
+def test_head_gets_the_head_of_health_and_models():
+    heads = []
+
+    async def check(host, port):
+        for path in ("/health", "/v1/models"):
+            async with await trio.open_tcp_stream(host, port) as stream:
+                await stream.send_all(http_request("HEAD", path, headers={"connection": "close"}))
+                heads.append(await read_all(stream))
+
+    in_process(check)
+    for data in heads:
+        head, body = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"content-type: application/json" in head
+        assert body == b""  # the head of the answer, no body
+
+
 @pytest.mark.parametrize("size", [m.MAX_FRAME + 1, 2**31, 2**32 - 1])
 def test_a_frame_over_the_limit_gets_an_error_frame_before_the_close(size):
     async def check(host, port):

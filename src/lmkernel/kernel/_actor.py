@@ -64,6 +64,9 @@ log = logging.getLogger("lmkernel.kernel")
 
 seq_ids = itertools.count(1)
 
+#: A prompt longer than this many characters per token of context cannot fit, whatever the tokenizer.
+MAX_CHARS_PER_TOKEN = 256
+
 @dataclass(eq=False)
 class _Waiter:
     peer: Peer
@@ -291,6 +294,20 @@ class ModelActor:
         if not self.live:
             peer.predictions.pop(request_id, None)
             peer.send(Failed(id=request_id, error=self._gone_error()))
+            return
+        if len(prompt) > self.info.context_length * MAX_CHARS_PER_TOKEN:
+            # Refused before tokenizing: a prompt that cannot fit would otherwise hold the
+            # engine thread (and every other prediction on it) while it is tokenized.
+            peer.predictions.pop(request_id, None)
+            peer.send(Failed(id=request_id, error=ErrorInfo(
+                kind="prompt_too_long",
+                message=(
+                    f"The prompt is {len(prompt)} characters but model {self.info.identifier!r} has a context "
+                    f"length of {self.info.context_length} tokens: it cannot fit (no tokenizer packs more than "
+                    f"{MAX_CHARS_PER_TOKEN} characters into a token; refused before tokenizing)"
+                ),
+                model=self.info.identifier,
+            )))
             return
         if len(self._waiting) >= self.max_queued and not self._has_room():
             peer.predictions.pop(request_id, None)

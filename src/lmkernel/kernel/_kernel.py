@@ -174,7 +174,9 @@ class Kernel:
             case m.ListDownloaded():
                 self._spawn(self._list_downloaded, peer, request)
             case m.Hello():
-                peer.send(m.Welcome(id=request.id))
+                from .. import __version__
+
+                peer.send(m.Welcome(id=request.id, version=__version__))
 
     def _route(self, peer: Peer, request_id: int, key: str) -> ModelActor | None:
         """The actor of model ``key``; if there is none, answer so and return ``None``."""

@@ -193,8 +193,9 @@ class _Server:
                     await trio.serve_listeners(self.connection, listeners, handler_nursery=connections)
 
             accepting = await connections.start(accept)
-            report(f"lmkernel serving on {address[0]}:{address[1]} (native protocol, and the OpenAI API at "
-                   f"http://{address[0]}:{address[1]}/v1)")
+            host = f"[{address[0]}]" if ":" in address[0] else address[0]  # an IPv6 address in brackets
+            report(f"lmkernel serving on {host}:{address[1]} (native protocol, and the OpenAI API at "
+                   f"http://{host}:{address[1]}/v1)")
             task_status.started(address)
             await stop.wait()
             accepting.cancel()

@@ -188,14 +188,14 @@ class OpenAIHandler:
         method = request.method.decode("latin-1")
         try:
             authorized = self._authorized(request)
-            if path == "/health" and method == "GET":
+            if path == "/health" and method in ("GET", "HEAD"):
                 summary = self.kernel.load_summary() if authorized else {}
                 await self._json(200, {"status": "ok", **summary})
                 return
             if not authorized:
                 raise HttpError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
                                 kind="authentication_error")
-            if path == "/v1/models" and method == "GET":
+            if path == "/v1/models" and method in ("GET", "HEAD"):
                 await self._models()
             elif path == "/v1/completions" and method == "POST":
                 await self._completions(parse_completion(body))
