@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -24,6 +25,7 @@ from ..kernel.test_faults import (
     ENGINE_TIMEOUT,
     FAULTS_DIR,
     FAULTY,
+    HANGS,
     LOAD_TIMEOUT,
     PREDICTION_FAULTS,
     SLACK,
@@ -170,10 +172,11 @@ def test_engine_fault_over_the_network(server, which, method, mode, message):
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["native", "http"])
-def test_hung_step_over_the_network(server, which):
+@pytest.mark.parametrize(("method", "after"), HANGS, ids=lambda v: str(v))
+def test_hung_engine_call_over_the_network(server, which, method, after):
     api = apis(server)[which]
     expect_ok(api)
-    inject(server.faults, "step", "hang", after=1, seconds=ENGINE_TIMEOUT + 4)
+    inject(server.faults, method, "hang", after=after, seconds=ENGINE_TIMEOUT + 4)
     outcome, elapsed = timed(api.complete, limit=ENGINE_TIMEOUT + SLACK + 10)
     expect_failure(api, outcome, "did not return within 2 s")
     assert elapsed < ENGINE_TIMEOUT + SLACK
@@ -185,13 +188,15 @@ def test_hung_step_over_the_network(server, which):
 @pytest.mark.parametrize(("mode", "message"), [
     ("raise", "InjectedFault: injected fault in load"),
     ("malformed", "Engine.context_length must be a positive integer, got -1"),
+    ("hang", "did not return within 4 s"),
 ])
 def test_load_fault_over_the_network(server, which, mode, message):
     api = apis(server)[which]
     NativeAPI(server.host).unload()
-    inject(server.faults, "load", mode)
-    outcome, _ = timed(api.load, limit=30)
+    inject(server.faults, "load", mode, seconds=LOAD_TIMEOUT + 4)
+    outcome, elapsed = timed(api.load, limit=LOAD_TIMEOUT + SLACK + 10)
     expect_failure(api, outcome, message)
+    assert elapsed < LOAD_TIMEOUT + SLACK
     clear(server.faults)
     expect_ok(api)
 
@@ -204,3 +209,43 @@ def test_describe_with_a_bad_format_does_not_break_listing(server):
     with urllib.request.urlopen(f"http://{server.host}/v1/models", timeout=30) as response:
         assert TINY in {m["id"] for m in json.loads(response.read())["data"]}
     clear(server.faults)
+
+
+def test_remove_fault_on_a_native_cancel(server):
+    api = NativeAPI(server.host)
+    expect_ok(api)
+    inject(server.faults, "remove", "raise")
+    with lms.Client(server.host) as client:
+        stream = client.llm.model(FAULTY).complete_stream("the cat", config={"maxTokens": 500, "temperature": 0})
+        for i, _ in enumerate(stream):
+            if i == 2:
+                stream.cancel()
+        assert stream.result().stats.stop_reason == "userStopped"
+    clear(server.faults)
+    expect_ok(api)
+
+
+def test_remove_fault_when_an_http_client_goes_away(server):
+    api = HttpAPI(server.host)
+    expect_ok(api)
+    inject(server.faults, "remove", "raise")
+    body = json.dumps({"model": FAULTY, "prompt": "the cat", "max_tokens": 100_000, "stream": True}).encode()
+    host, port = server.host.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")  # streaming: then the client leaves
+    time.sleep(0.5)
+    clear(server.faults)
+    expect_ok(api)  # the server cancelled it, replaced the engine, and goes on
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+def test_close_fault_on_a_native_unload(server, mode):
+    api = NativeAPI(server.host)
+    expect_ok(api)
+    inject(server.faults, "close", mode, seconds=ENGINE_TIMEOUT + 4)
+    outcome, _ = timed(api.unload, limit=ENGINE_TIMEOUT + SLACK + 10)
+    assert outcome is None, outcome
+    clear(server.faults)
+    expect_ok(api)
