@@ -35,6 +35,7 @@ class ScriptedEngine(Engine):
 
     def add(self, seq_id, prompt_tokens, sampling: Sampling, max_tokens: int) -> None:
         self.backend.samplings.append(sampling)
+        self.backend.prompts.append("".join(map(chr, prompt_tokens)))
         self.seqs[seq_id] = [list(prompt_tokens), max_tokens, 0, False]
 
     def remove(self, seq_id: int) -> None:
@@ -78,6 +79,7 @@ class ScriptedBackend(Backend):
         self.released_threads = 0
         self.step_delay = 0.001
         self.samplings: list[Sampling] = []
+        self.prompts: list[str] = []  # in the order the engine took them
 
     def availability(self) -> Availability:
         return Availability(True, notes="scripted")

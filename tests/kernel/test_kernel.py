@@ -213,3 +213,21 @@ def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(scripted):
         assert backend.samplings == []  # never reached the engine
 
     run(kernel, scenario)
+
+
+def test_a_free_place_goes_to_the_connection_with_the_fewest_running(scripted):
+    backend, kernel = scripted
+
+    async def scenario(a: Client):
+        b = Client(kernel)
+        await a.until_done(a.request(m.Load, model="one", config={"maxConcurrentPredictions": 1}))
+        flood = [a.request(m.Predict, model="one", prompt=f"a{i}", config={"maxTokens": 20}) for i in range(5)]
+        late = b.request(m.Predict, model="one", prompt="b", config={"maxTokens": 2})
+        for rid in flood:
+            assert isinstance((await a.until_done(rid))[-1], m.Finished)
+        assert isinstance((await b.until_done(late))[-1], m.Finished)
+        # b's request waited only for the one running prediction, not for a's whole backlog;
+        # a's own predictions kept their order.
+        assert backend.prompts == ["a0", "b", "a1", "a2", "a3", "a4"]
+
+    run(kernel, scenario)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections import deque
+import weakref
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,9 @@ class ModelActor:
         self._runs: dict[int, _Running] = {}
         self._tokenize: dict[int, tuple[Peer, int]] = {}
         self._running: set[int] = set()  # sequences handed to the engine
-        self._waiting: deque[w.AddSequence] = deque()  # FIFO: loading, or the batch is full
+        self._waiting: deque[w.AddSequence] = deque()  # loading, or the batch is full (see _admit)
+        self._served: weakref.WeakKeyDictionary[Peer, int] = weakref.WeakKeyDictionary()  # last admission
+        self._admissions = 0
         self.max_concurrent = self.load_config.max_concurrent_predictions or DEFAULT_MAX_CONCURRENT
         self.max_queued = (
             DEFAULT_MAX_QUEUED if self.load_config.max_queued_predictions is None
@@ -333,12 +336,40 @@ class ModelActor:
         return self.state == "ready" and len(self._running) < self.max_concurrent
 
     def _admit(self) -> None:
-        """Hand waiting predictions to the engine, oldest first, while the batch has room."""
+        """Hand waiting predictions to the engine while the batch has room.
+
+        Fair between connections: a free place goes to the connection with the fewest running
+        predictions, and among those to the one served longest ago (round robin), so one
+        client's backlog cannot keep another's request waiting behind all of it. Within one
+        connection (every thread of one in-process client) the order is first come, first served.
+        """
         while self._waiting and self._has_room():
-            command = self._waiting.popleft()
-            if command.seq_id in self._runs:
-                self._running.add(command.seq_id)
-                self._worker.send(command)
+            command = self._next_waiting()
+            if command is None:
+                return
+            self._admissions += 1
+            self._served[self._runs[command.seq_id].peer] = self._admissions
+            self._running.add(command.seq_id)
+            self._worker.send(command)
+
+    def _next_waiting(self) -> w.AddSequence | None:
+        waiting = [c for c in self._waiting if c.seq_id in self._runs]
+        if not waiting:
+            self._waiting.clear()
+            return None
+        peers = {self._runs[c.seq_id].peer for c in waiting}
+        if len(peers) == 1:
+            chosen = waiting[0]
+        else:
+            running = Counter(self._runs[s].peer for s in self._running if s in self._runs)
+
+            def turn(c: w.AddSequence) -> tuple[int, int]:
+                peer = self._runs[c.seq_id].peer
+                return running[peer], self._served.get(peer, 0)
+
+            chosen = min(waiting, key=turn)  # min keeps the oldest of equals: FIFO within a connection
+        self._waiting = deque(c for c in waiting if c is not chosen)
+        return chosen
 
     def _on_steps(self, events: list) -> None:
         for event in events:
