@@ -174,13 +174,13 @@ class TrioAPI(_AsyncOps):
 FACADES = [SyncAPI(), AsyncioAPI(), TrioAPI()]
 
 
-def timed(api, op, *args, limit: float):
-    """Run one operation; return (result or exception, seconds); fail if it outlived ``limit``."""
+def bounded(fn, *args, limit: float):
+    """Run ``fn(*args)`` on a thread; return (result or exception, seconds); fail if it outlived ``limit``."""
     box: list = []
 
     def go():
         try:
-            box.append(api.call(op, *args))
+            box.append(fn(*args))
         except BaseException as exc:  # noqa: BLE001 - the test inspects it
             box.append(exc)
 
@@ -189,8 +189,13 @@ def timed(api, op, *args, limit: float):
     thread.start()
     thread.join(limit)
     elapsed = time.monotonic() - start
-    assert box, f"{api.name}: {op}{args} did not end within {limit} s"
+    assert box, f"{getattr(fn, '__qualname__', fn)}{args} did not end within {limit} s"
     return box[0], elapsed
+
+
+def timed(api, op, *args, limit: float):
+    """One operation through one facade, bounded (see :func:`bounded`)."""
+    return bounded(api.call, op, *args, limit=limit)
 
 
 class Bystander:

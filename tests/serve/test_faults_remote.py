@@ -29,6 +29,7 @@ from ..kernel.test_faults import (
     LOAD_TIMEOUT,
     PREDICTION_FAULTS,
     SLACK,
+    bounded,
     build_faulty_model,
     clear,
     expect_error,
@@ -103,25 +104,8 @@ def apis(server):
     return [NativeAPI(server.host), HttpAPI(server.host)]
 
 
-def timed(fn, *args, limit: float):
-    box: list = []
-
-    def go():
-        try:
-            box.append(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - the test inspects it
-            box.append(exc)
-
-    start = time.monotonic()
-    thread = threading.Thread(target=go, daemon=True)
-    thread.start()
-    thread.join(limit)
-    assert box, f"{fn} did not end within {limit} s"
-    return box[0], time.monotonic() - start
-
-
 def expect_ok(api) -> None:
-    result, _ = timed(api.complete, limit=60)
+    result, _ = bounded(api.complete, limit=60)
     if isinstance(result, dict):
         assert result["choices"][0]["finish_reason"] in ("length", "stop"), result
     else:
@@ -164,7 +148,7 @@ def test_engine_fault_over_the_network(server, which, method, mode, message):
     expect_ok(api)
     bystander = RemoteBystander(server.host)
     inject(server.faults, method, mode, after=1 if method == "step" else 0)
-    outcome, _ = timed(api.complete, limit=30)
+    outcome, _ = bounded(api.complete, limit=30)
     expect_failure(api, outcome, message)
     bystander.check()
     clear(server.faults)
@@ -177,7 +161,7 @@ def test_hung_engine_call_over_the_network(server, which, method, after):
     api = apis(server)[which]
     expect_ok(api)
     inject(server.faults, method, "hang", after=after, seconds=ENGINE_TIMEOUT + 4)
-    outcome, elapsed = timed(api.complete, limit=ENGINE_TIMEOUT + SLACK + 10)
+    outcome, elapsed = bounded(api.complete, limit=ENGINE_TIMEOUT + SLACK + 10)
     expect_failure(api, outcome, "did not return within 2 s")
     assert elapsed < ENGINE_TIMEOUT + SLACK
     clear(server.faults)
@@ -194,7 +178,7 @@ def test_load_fault_over_the_network(server, which, mode, message):
     api = apis(server)[which]
     NativeAPI(server.host).unload()
     inject(server.faults, "load", mode, seconds=LOAD_TIMEOUT + 4)
-    outcome, elapsed = timed(api.load, limit=LOAD_TIMEOUT + SLACK + 10)
+    outcome, elapsed = bounded(api.load, limit=LOAD_TIMEOUT + SLACK + 10)
     expect_failure(api, outcome, message)
     assert elapsed < LOAD_TIMEOUT + SLACK
     clear(server.faults)
@@ -245,7 +229,7 @@ def test_close_fault_on_a_native_unload(server, mode):
     api = NativeAPI(server.host)
     expect_ok(api)
     inject(server.faults, "close", mode, seconds=ENGINE_TIMEOUT + 4)
-    outcome, _ = timed(api.unload, limit=ENGINE_TIMEOUT + SLACK + 10)
+    outcome, _ = bounded(api.unload, limit=ENGINE_TIMEOUT + SLACK + 10)
     assert outcome is None, outcome
     clear(server.faults)
     expect_ok(api)
