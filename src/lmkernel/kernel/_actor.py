@@ -17,8 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import weakref
-from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import trio
 
 from ..plugins.contract import Backend, LoadOptions, PromptProgress, SequenceEnd, Token
 from . import _worker as w
+from ._admission import WaitingRoom
 from ._failures import backend_error, internal_error, unloaded_error
 from ._limits import engine_timeout, load_timeout
 from ._mailbox import (
@@ -105,9 +104,7 @@ class ModelActor:
         self._runs: dict[int, _Running] = {}
         self._tokenize: dict[int, tuple[Peer, int]] = {}
         self._running: set[int] = set()  # sequences handed to the engine
-        self._waiting: deque[w.AddSequence] = deque()  # loading, or the batch is full (see _admit)
-        self._served: weakref.WeakKeyDictionary[Peer, int] = weakref.WeakKeyDictionary()  # last admission
-        self._admissions = 0
+        self._waiting = WaitingRoom()  # loading, or the batch is full
         self.max_concurrent = self.load_config.max_concurrent_predictions or DEFAULT_MAX_CONCURRENT
         self.max_queued = (
             DEFAULT_MAX_QUEUED if self.load_config.max_queued_predictions is None
@@ -327,7 +324,7 @@ class ModelActor:
         sampling = sampling_from_config(config, declared=self.backend.prediction_keys)
         run = PredictionRun(request_id, config, sampling, peer.send, self.info.model_info(), self.load_config)
         self._runs[seq_id] = _Running(peer, run)
-        self._waiting.append(w.AddSequence(seq_id, prompt, sampling, run.max_tokens))
+        self._waiting.add(w.AddSequence(seq_id, prompt, sampling, run.max_tokens), peer)
         self._admit()
         if seq_id in self._runs and seq_id not in self._running:
             peer.send(Queued(id=request_id, position=len(self._waiting)))
@@ -336,40 +333,12 @@ class ModelActor:
         return self.state == "ready" and len(self._running) < self.max_concurrent
 
     def _admit(self) -> None:
-        """Hand waiting predictions to the engine while the batch has room.
-
-        Fair between connections: a free place goes to the connection with the fewest running
-        predictions, and among those to the one served longest ago (round robin), so one
-        client's backlog cannot keep another's request waiting behind all of it. Within one
-        connection (every thread of one in-process client) the order is first come, first served.
-        """
+        """Hand waiting predictions to the engine while the batch has room (fairly: :mod:`._admission`)."""
         while self._waiting and self._has_room():
-            command = self._next_waiting()
-            if command is None:
-                return
-            self._admissions += 1
-            self._served[self._runs[command.seq_id].peer] = self._admissions
-            self._running.add(command.seq_id)
-            self._worker.send(command)
-
-    def _next_waiting(self) -> w.AddSequence | None:
-        waiting = [c for c in self._waiting if c.seq_id in self._runs]
-        if not waiting:
-            self._waiting.clear()
-            return None
-        peers = {self._runs[c.seq_id].peer for c in waiting}
-        if len(peers) == 1:
-            chosen = waiting[0]
-        else:
-            running = Counter(self._runs[s].peer for s in self._running if s in self._runs)
-
-            def turn(c: w.AddSequence) -> tuple[int, int]:
-                peer = self._runs[c.seq_id].peer
-                return running[peer], self._served.get(peer, 0)
-
-            chosen = min(waiting, key=turn)  # min keeps the oldest of equals: FIFO within a connection
-        self._waiting = deque(c for c in waiting if c is not chosen)
-        return chosen
+            command = self._waiting.pop_next(self._runs[s].peer for s in self._running if s in self._runs)
+            if command.seq_id in self._runs:
+                self._running.add(command.seq_id)
+                self._worker.send(command)
 
     def _on_steps(self, events: list) -> None:
         for event in events:
@@ -413,7 +382,7 @@ class ModelActor:
         if seq_id in self._running:
             self._running.discard(seq_id)
         else:  # it never left the queue
-            self._waiting = deque(c for c in self._waiting if c.seq_id != seq_id)
+            self._waiting.discard(seq_id)
         self._admit()
         self._touch()
 
