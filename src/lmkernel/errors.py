@@ -28,6 +28,7 @@ __all__ = [
     "LMKernelTimeoutError",
     "LMKernelServerError",
     "LMKernelModelNotFoundError",
+    "LMKernelModelExistsError",
     "LMKernelPresetNotFoundError",
     "LMKernelChannelClosedError",
     "LMKernelPredictionError",
@@ -39,6 +40,7 @@ __all__ = [
     "LMKernelCancelledError",
     "LMKernelConnectionError",
     "LMKernelUnknownMessageWarning",
+    "LMKernelNotImplementedError",
 ]
 
 
@@ -106,6 +108,11 @@ class LMKernelModelNotFoundError(LMKernelServerError):
 
 
 @_public
+@_public
+class LMKernelModelExistsError(LMKernelServerError):
+    """A model instance with the requested identifier already exists (message: ``... already exists``)."""
+
+
 class LMKernelPresetNotFoundError(LMKernelServerError):
     """A named preset does not exist (alias: ``LMStudioPresetNotFoundError``)."""
 
@@ -176,6 +183,11 @@ class LMKernelUnknownMessageWarning(LMKernelClientError, UserWarning):
     """A message from the kernel that this client does not understand."""
 
 
+@_public
+class LMKernelNotImplementedError(LMKernelError, NotImplementedError):
+    """A feature of LM Studio's SDK that lmkernel does not have yet; the message names it."""
+
+
 # LM Studio SDK names: the same class objects, so existing ``except`` clauses keep working.
 LMStudioError = LMKernelError
 LMStudioOSError = LMKernelOSError
@@ -215,6 +227,7 @@ _KINDS: dict[str, type[LMKernelError]] = {
     "unsupported_config": LMKernelUnsupportedConfigError,
     "value": LMKernelValueError,
     "model_not_found": LMKernelModelNotFoundError,
+    "model_exists": LMKernelModelExistsError,
     "prompt_too_long": LMKernelPromptTooLongError,
     "backend": LMKernelBackendError,
     "backend_unavailable": LMKernelBackendUnavailableError,
