@@ -108,11 +108,11 @@ class LMKernelModelNotFoundError(LMKernelServerError):
 
 
 @_public
-@_public
 class LMKernelModelExistsError(LMKernelServerError):
     """A model instance with the requested identifier already exists (message: ``... already exists``)."""
 
 
+@_public
 class LMKernelPresetNotFoundError(LMKernelServerError):
     """A named preset does not exist (alias: ``LMStudioPresetNotFoundError``)."""
 
