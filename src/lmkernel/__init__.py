@@ -20,7 +20,7 @@ from .testing import build_tiny_llama
 
 globals().update(_ALIASES)
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     *_sdk_all,

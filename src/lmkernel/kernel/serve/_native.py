@@ -210,7 +210,7 @@ class NativeConnection:
         if not _token_ok(request.token, self.config.api_key):
             await send_frames(self.stream, [failed(0, "unauthorized", "Invalid or missing API token")], timeout)
             return
-        from ... import __version__
+        from ..._version import __version__
 
         await send_frames(self.stream, [m.encode(m.Welcome(id=0, version=__version__))], timeout)
         self.slot.busy()  # a session now: not evicted for a newcomer
