@@ -174,7 +174,7 @@ class Kernel:
             case m.ListDownloaded():
                 self._spawn(self._list_downloaded, peer, request)
             case m.Hello():
-                from .. import __version__
+                from .._version import __version__
 
                 peer.send(m.Welcome(id=request.id, version=__version__))
 
