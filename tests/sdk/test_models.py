@@ -68,7 +68,7 @@ def test_load_new_instance_and_unload(fresh_kernel):
         second = client.llm.load_new_instance(TINY, on_load_progress=progress.append)
         assert second.identifier == f"{TINY}:2"
         assert progress[0] == 0.0 and progress[-1] == 1.0 and progress == sorted(set(progress))
-        with pytest.raises(lms.LMStudioValueError, match="identifier 'aa/tiny' already exists"):
+        with pytest.raises(lms.LMStudioServerError, match="identifier 'aa/tiny' already exists"):
             client.llm.load_new_instance(TINY, TINY)
         assert [m.identifier for m in client.llm.list_loaded()] == [TINY, f"{TINY}:2"]
         second.unload()

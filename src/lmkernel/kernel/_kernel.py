@@ -20,6 +20,7 @@ import trio
 from ..errors import (
     LMKernelBackendUnavailableError,
     LMKernelError,
+    LMKernelModelExistsError,
     LMKernelUnsupportedConfigError,
     LMKernelValueError,
 )
@@ -418,7 +419,7 @@ class Kernel:
         taken = {a.info.identifier for a in self._actors}
         if wanted is not None:
             if wanted in taken:
-                raise LMKernelValueError(f"A model instance with identifier {wanted!r} already exists")
+                raise LMKernelModelExistsError(f"A model instance with identifier {wanted!r} already exists")
             return wanted
         if key not in taken:
             return key
