@@ -7,8 +7,18 @@ stats to stderr, with progress bars (model load, prompt processing) on stderr.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._version import __version__
+
+BUILTIN_TINY = "lmkernel/tiny-random-llama"  # not listed as downloaded: it is made on first use
+
+
+class UsageError(Exception):
+    """The command line asks for something impossible (exit status 2, as argparse's errors)."""
 
 
 class ProgressBar:
@@ -38,32 +48,103 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _complete(args: argparse.Namespace) -> int:
-    import lmkernel as lms
+_STOP_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}
 
-    config: dict = {}
-    if args.max_tokens is not None:
-        config["maxTokens"] = args.max_tokens
+
+def stop_string(text: str) -> str:
+    """Decode one ``--stop`` value: ``\\n``, ``\\r``, ``\\t`` and ``\\\\`` (a backslash); other text as is.
+
+    Any other backslash sequence is refused rather than guessed at (an argparse type).
+    """
+
+    def escape(match: re.Match[str]) -> str:
+        code = match.group(1)
+        if code not in _STOP_ESCAPES:
+            shown = "a lone \\ at the end" if code == "" else f"\\{code}"
+            raise argparse.ArgumentTypeError(
+                f"{shown} in '{text}' is not an escape lmkernel knows: write \\n (newline), "
+                "\\r, \\t (tab) or \\\\ (one backslash)"
+            )
+        return _STOP_ESCAPES[code]
+
+    return re.sub(r"\\(.?)", escape, text, flags=re.S)
+
+
+def _without_final_newline(text: str) -> str:
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text.removesuffix("\n")
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """Return the prompt: the argument, standard input for ``-``, or the file's text.
+
+    Text read from stdin or a file is UTF-8 and loses one final newline (the one ``echo`` and
+    editors add). Raises :class:`UsageError` when none or both are given, or it cannot be read.
+    """
+    if (prompt is None) == (prompt_file is None):
+        raise UsageError("give one prompt: as an argument, as - (read standard input), or with --prompt-file PATH")
+    if prompt is not None and prompt != "-":
+        return prompt
+    if prompt_file is not None:
+        where = f"the prompt file {prompt_file!r}"
+        try:
+            data = Path(prompt_file).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
+    else:
+        where = "standard input"
+        if sys.stdin is None:
+            raise UsageError("the prompt is - but there is no standard input to read it from")
+        if sys.stdin.isatty():
+            print("lmkernel: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
+        data = sys.stdin.buffer.read()
+    try:
+        return _without_final_newline(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where} is not UTF-8 text (byte {exc.start}: {data[exc.start]:#04x})") from None
+
+
+def _configs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The prediction and load configs the options ask for, validated: a bad value fails before any load."""
+    from .kernel.config import parse_load_config, parse_prediction_config
+
+    config: dict[str, Any] = {"maxTokens": args.max_tokens}
     if args.temperature is not None:
         config["temperature"] = args.temperature
     if args.stop:
         config["stopStrings"] = args.stop
-    load_config = {"contextLength": args.context_length} if args.context_length else None
+    load_config: dict[str, Any] = {}
+    if args.context_length is not None:
+        load_config["contextLength"] = args.context_length
+    if args.backend is not None:
+        load_config["backend"] = args.backend
+    parse_prediction_config(config)
+    parse_load_config(load_config)
+    return config, load_config
+
+
+def _complete(args: argparse.Namespace) -> int:
+    import lmkernel as lms
+
+    prompt = read_prompt(args.prompt, args.prompt_file)
+    config, load_config = _configs(args)
     with lms.Client() as client:
-        model = client.llm.model(args.model, config=load_config, on_load_progress=ProgressBar("loading model"))
+        model = client.llm.model(args.model, config=load_config or None, on_load_progress=ProgressBar("loading model"))
         stream = model.complete_stream(
-            args.prompt, config=config, on_prompt_processing_progress=ProgressBar("processing prompt")
+            prompt, config=config, on_prompt_processing_progress=ProgressBar("processing prompt")
         )
-        sys.stdout.write(args.prompt if args.echo else "")
+        sys.stdout.write(prompt if args.echo else "")
         for fragment in stream:
             sys.stdout.write(fragment.content)
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()  # a closed pipe raises here, not in the interpreter's last flush
         result = stream.result()
+        backend = model.get_info().backend
     stats = result.stats
     print(
-        f"model: {result.model_info.model_key} | stop reason: {stats.stop_reason} | "
+        f"model: {result.model_info.model_key} | backend: {backend} | stop reason: {stats.stop_reason} | "
         f"prompt tokens: {stats.prompt_tokens_count} | predicted tokens: {stats.predicted_tokens_count} | "
         f"time to first token: {stats.time_to_first_token_sec:.3f} s | "
         f"{stats.tokens_per_second:.1f} tokens/s",
@@ -72,30 +153,41 @@ def _complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def _models(args: argparse.Namespace) -> int:
-    from .kernel._catalog import BUILTIN_TINY, Catalog
+    import lmkernel as lms
+
     from .plugins.discovery import discover
 
-    found = discover()
-    catalog = Catalog([s.backend for s in found.statuses if s.backend])
-    entries = catalog.entries()
-    rows = [("KEY", "ARCH", "PARAMS", "CONTEXT", "BACKENDS", "PATH")]
-    for e in entries:
-        info = e.info()
-        rows.append((e.key, info.architecture or "?", info.params_string or "?", str(info.max_context_length),
-                     ",".join(e.descriptions), str(e.path)))
-    demo = catalog.builtin_demo()
-    if demo is not None:
-        info = demo.info()
-        rows.append((demo.key, info.architecture or "?", info.params_string or "?", str(info.max_context_length),
-                     ",".join(demo.descriptions), "(built in: demo model, trained on the King James Bible)"))
-    rows.append((BUILTIN_TINY, "llama", "5M", "4096", "mlx", "(built in: random weights, generated on first use)"))
+    with lms.Client() as client:
+        models = [m.info for m in client.list_downloaded_models()]
+    rows = [("KEY", "PARAMS", "ARCH", "FORMAT", "CONTEXT", "SIZE", "PATH")]
+    for info in models:
+        rows.append((
+            info.model_key, info.params_string or "?", info.architecture or "?", info.format,
+            str(info.max_context_length), _size(info.size_bytes), info.path,
+        ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    if not entries:
-        print("\nNo model folders found: set LMKERNEL_MODELS to a folder of Hugging Face-format models.",
-              file=sys.stderr)
+    sys.stdout.flush()
+    found = discover()
+    available = [s.name for s in found.statuses if s.availability.available]
+    unavailable = [s.name for s in found.statuses if not s.availability.available]
+    notes = [
+        f"Also loadable by key: {BUILTIN_TINY} (random weights, made on first use; for tests).",
+        f"Backends that can run here: {', '.join(available) or 'none'}"
+        + (f"; not here: {', '.join(unavailable)} (lmkernel backends says why)." if unavailable else "."),
+    ]
+    if all(info.model_key.startswith("lmkernel/") for info in models):
+        notes.append("Only lmkernel's own models: set LMKERNEL_MODELS to a folder of Hugging Face-format models.")
+    print("\n" + "\n".join(notes), file=sys.stderr)
     return 0
 
 
@@ -154,25 +246,59 @@ def _port(text: str) -> int:
     return port
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Add ``(default: X)`` to an option's help, unless the help says its default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or not action.option_strings or default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmkernel", description="Run local language models in-process.")
+    parser = argparse.ArgumentParser(
+        prog="lmkernel", description="Run local language models in-process.", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    complete = sub.add_parser("complete", help="complete a prompt, streaming to stdout")
-    complete.add_argument("prompt")
-    complete.add_argument("--model", default=None, help="model key or path (default: the default model)")
-    complete.add_argument("--max-tokens", type=int, default=100)
-    complete.add_argument("--temperature", type=float, default=None)
-    complete.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    complete.add_argument("--context-length", type=int, default=None)
+    complete = sub.add_parser(
+        "complete", help="complete a prompt, streaming to stdout", formatter_class=HelpFormatter,
+        description="Complete a prompt: the text goes to stdout; progress and stats go to stderr. The time "
+                    "to first token is measured from when the kernel receives the prediction: it excludes "
+                    "start-up and the model load.",
+    )
+    complete.add_argument("prompt", nargs="?", metavar="PROMPT",
+                          help="the prompt; - reads it from standard input (UTF-8, one final newline removed)")
+    complete.add_argument("--prompt-file", metavar="PATH",
+                          help="read the prompt from this UTF-8 file (one final newline removed) "
+                               "(default: the PROMPT argument)")
+    complete.add_argument("--model", default=None,
+                          help="model key or path (default: LMKERNEL_DEFAULT_MODEL, else the first model "
+                               "found, else the shipped demo model)")
+    complete.add_argument("--max-tokens", type=int, default=100, help="most tokens to generate; -1: no limit")
+    complete.add_argument("--temperature", type=float, default=None,
+                          help="sampling temperature, 0 for greedy (default: LM Studio's 0.8)")
+    complete.add_argument("--stop", action="append", default=[], type=stop_string, metavar="TEXT",
+                          help=r"stop before this text (repeatable); escapes: \n newline, \r, \t tab, "
+                               r"\\ backslash (default: none)")
+    complete.add_argument("--context-length", type=int, default=None,
+                          help="tokens of context to load the model with (default: the model's own)")
+    complete.add_argument("--backend", default=None, metavar="NAME",
+                          help="load with this backend, as listed by 'lmkernel backends' (default: the "
+                               "highest-priority available backend that accepts the model)")
     complete.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     complete.set_defaults(run=_complete)
 
-    serve = sub.add_parser("serve", help="serve the kernel to other processes (native protocol and OpenAI API)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve = sub.add_parser("serve", help="serve the kernel to other processes (native protocol and OpenAI API)",
+                           formatter_class=HelpFormatter)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=_port, default=1235, help="TCP port (0: any free port)")
     serve.add_argument("--model", action="append", default=[],
-                       help="model to load at start and serve (repeatable); callers may use only these")
+                       help="model to load at start and serve (repeatable); callers may use only these "
+                            "(default: none)")
     serve.add_argument("--api-key", default=None, help="require this token (default: LMKERNEL_API_KEY)")
     serve.add_argument("--allow-remote", action="store_true",
                        help="accept connections from other hosts without an API key")
@@ -180,27 +306,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let callers load any model of this machine's catalog (default: only --model ones; "
                             "never a filesystem path)")
     serve.add_argument("--allow-unload", action="store_true", help="let callers unload the --model models")
-    serve.add_argument("--max-models", type=int, default=4, help="models loaded at once (default: 4)")
+    serve.add_argument("--max-models", type=int, default=4, help="models loaded at once")
     serve.add_argument("--max-connections", type=int, default=256,
-                       help="connections held at once; idle ones give way to new ones (default: 256)")
+                       help="connections held at once; idle ones give way to new ones")
     serve.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
-                       help="for a request head or native handshake to arrive (default: 10)")
+                       help="for a request head or native handshake to arrive")
     serve.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="for a request body or native frame to arrive once begun (default: 30)")
+                       help="for a request body or native frame to arrive once begun")
     serve.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
                        help="before an idle keep-alive or native connection, or a client that does not "
-                            "read, is closed (default: 60)")
+                            "read, is closed")
     serve.set_defaults(run=_serve)
 
-    sub.add_parser("models", help="list the models found on this machine").set_defaults(run=_models)
-    sub.add_parser("backends", help="list backends and whether they can run here").set_defaults(run=_backends)
+    sub.add_parser("models", help="list the models found on this machine (as list_downloaded_models())",
+                   formatter_class=HelpFormatter).set_defaults(run=_models)
+    sub.add_parser("backends", help="list backends and whether they can run here",
+                   formatter_class=HelpFormatter).set_defaults(run=_backends)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return the exit status.
 
-    1: an lmkernel error, printed as one line. 130: interrupted (Ctrl-C). 141 (128 + SIGPIPE,
+    1: an lmkernel error, printed as one line, as the error says it. 2: a usage error (argparse's,
+    or a prompt that cannot be read). 130: interrupted (Ctrl-C). 141 (128 + SIGPIPE,
     what a tool killed by SIGPIPE reports): stdout was closed early, as by ``| head``; the
     rest of the output is dropped quietly. No traceback in any of these cases.
     """
@@ -211,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         status = args.run(args)
         sys.stdout.flush()
         return status
+    except UsageError as exc:
+        print(f"lmkernel {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except LMKernelError as exc:
         print(f"lmkernel: error: {exc}", file=sys.stderr)
         return 1
