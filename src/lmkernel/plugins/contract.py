@@ -22,6 +22,7 @@ exactly when the token budget the kernel gave it in :meth:`Engine.add` is spent.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,11 +36,13 @@ __all__ = [
     "Engine",
     "LoadOptions",
     "ModelDescription",
+    "ModelRejected",
     "PromptProgress",
     "Sampling",
     "SequenceEnd",
     "StepEvent",
     "Token",
+    "read_config",
 ]
 
 
@@ -68,6 +71,45 @@ class ModelDescription:
     size_bytes: int
     params_string: str | None = None
     display_name: str | None = None
+
+
+class ModelRejected(Exception):
+    """Raised by :meth:`Backend.describe` to say why this backend cannot load a folder.
+
+    The message is the reason, short and specific, without the backend's name or the
+    folder's path (the kernel adds both): ``"no config.json"``, ``"config.json is not valid
+    JSON: Expecting ',' delimiter at line 3, column 5"``, ``"model_type 'foo' is not supported
+    by mlx-lm 0.28"``. The kernel shows it when someone names that folder and no backend
+    takes it; it never logs it while listing models (most folders are not models).
+    """
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """Read the Hugging Face ``config.json`` of ``folder``; raise :class:`ModelRejected` saying what is wrong.
+
+    A missing or unreadable file, text that is not UTF-8, invalid JSON (with its line and
+    column) and JSON that is not an object each get their own reason.
+    """
+    try:
+        text = (folder / "config.json").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModelRejected("no config.json") from None
+    except UnicodeDecodeError as exc:
+        raise ModelRejected(f"config.json is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ModelRejected(f"cannot read config.json: {exc.strerror or type(exc).__name__}") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelRejected(f"config.json is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:  # numbers too long to convert, nesting too deep
+        raise ModelRejected(f"config.json is not valid JSON: {type(exc).__name__}") from None
+    if not isinstance(config, dict):
+        raise ModelRejected(f"config.json must hold a JSON object, got a JSON {_JSON_TYPES.get(type(config), 'value')}")
+    return config
+
+
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,7 +243,11 @@ class Backend(ABC):
 
     @abstractmethod
     def describe(self, path: Path) -> ModelDescription | None:
-        """Return a description if this backend can load the folder ``path``, else ``None``."""
+        """Return a description if this backend can load the folder ``path``.
+
+        If it cannot, raise :class:`ModelRejected` saying why (``None`` also refuses the
+        folder, with no reason given). Cheap: read headers and configs, never weights.
+        """
 
     @abstractmethod
     def load(
