@@ -9,12 +9,20 @@ Without flash-attn the generator runs unpaged: one job at a time, the rest queue
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ...plugins.contract import Availability, Backend, Engine, LoadOptions, ModelDescription, Sampling
+from ...plugins.contract import (
+    Availability,
+    Backend,
+    Engine,
+    LoadOptions,
+    ModelDescription,
+    ModelRejected,
+    Sampling,
+    read_config,
+)
 
 __all__ = ["ExLlamaV2Backend", "backend", "sampler_fields"]
 
@@ -87,24 +95,38 @@ class ExLlamaV2Backend(Backend):
         )
         return Availability(True, notes=f"CUDA: {torch.cuda.get_device_name(0)}; {batching}")
 
-    def describe(self, path: Path) -> ModelDescription | None:
-        config_file = path / "config.json"
+    def describe(self, path: Path) -> ModelDescription:
+        config = read_config(path)
         weights = sorted(path.glob("*.safetensors"))
-        if not config_file.is_file() or not weights or not (path / "tokenizer.json").is_file():
-            return None
+        if not weights:
+            raise ModelRejected("no weights (no *.safetensors file)")
+        if not (path / "tokenizer.json").is_file():
+            raise ModelRejected("no tokenizer.json")
+        architectures = config.get("architectures")
+        architecture = architectures[0] if isinstance(architectures, list) and architectures else None
+        if architecture is None:
+            raise ModelRejected("config.json names no architecture ('architectures')")
+        if not isinstance(architecture, str) or architecture not in _ARCHITECTURES:
+            raise ModelRejected(f"architecture {architecture!r:.80} is not one ExLlamaV2 runs")
+        quant_config = config.get("quantization_config")
+        quant = quant_config.get("quant_method") if isinstance(quant_config, dict) else None
+        if not (quant is None or isinstance(quant, str)) or quant not in _QUANT_FORMATS:
+            raise ModelRejected(f"quantization {quant!r:.80} is not one ExLlamaV2 reads (exl2, gptq or none)")
+        context = config.get("max_position_embeddings") or 2048
+        if isinstance(context, float) and context.is_integer():
+            context = int(context)
+        if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+            raise ModelRejected(f"config.json's max_position_embeddings must be a positive integer, got {context!r:.80}")
         try:
-            config = json.loads(config_file.read_text())
-        except (OSError, ValueError):
-            return None
-        architecture = (config.get("architectures") or [None])[0]
-        quant = (config.get("quantization_config") or {}).get("quant_method")
-        if architecture not in _ARCHITECTURES or quant not in _QUANT_FORMATS:
-            return None
+            size = sum(f.stat().st_size for f in weights)
+        except OSError as exc:  # a broken link into a Hugging Face cache
+            raise ModelRejected(f"cannot read the weights ({Path(exc.filename or '?').name}: {exc.strerror})") from None
+        model_type = config.get("model_type")
         return ModelDescription(
-            architecture=config.get("model_type") or architecture,
+            architecture=model_type if isinstance(model_type, str) and model_type else architecture,
             format=_QUANT_FORMATS[quant],
-            max_context_length=int(config.get("max_position_embeddings") or 2048),
-            size_bytes=sum(f.stat().st_size for f in weights),
+            max_context_length=context,
+            size_bytes=size,
             params_string=None,
         )
 

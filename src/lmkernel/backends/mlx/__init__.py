@@ -8,8 +8,10 @@ do to the rest of the process).
 
 from __future__ import annotations
 
+import ast
 import atexit
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -20,7 +22,15 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ...plugins.contract import Availability, Backend, Engine, LoadOptions, ModelDescription
+from ...plugins.contract import (
+    Availability,
+    Backend,
+    Engine,
+    LoadOptions,
+    ModelDescription,
+    ModelRejected,
+    read_config,
+)
 from . import _blas
 
 __all__ = ["MLXBackend", "backend"]
@@ -29,11 +39,47 @@ __all__ = ["MLXBackend", "backend"]
 _FOREIGN_QUANT = {"exl2", "gptq", "awq", "bitsandbytes", "fp8"}
 
 
-def _mlx_lm_models_dir() -> Path | None:
+def _mlx_lm_dir() -> Path | None:
     spec = importlib.util.find_spec("mlx_lm")
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@functools.cache
+def _mlx_lm_remapping() -> dict[str, str]:
+    """mlx-lm's ``MODEL_REMAPPING`` (``mistral`` runs as ``llama`` ...), read from its source without importing MLX."""
+    package = _mlx_lm_dir()
+    try:
+        tree = ast.parse((package / "utils.py").read_text(encoding="utf-8")) if package else None
+    except (OSError, ValueError, SyntaxError):
+        tree = None
+    for node in tree.body if tree else []:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODEL_REMAPPING" for t in node.targets):
+            try:
+                table = ast.literal_eval(node.value)
+            except ValueError:
+                return {}
+            return {k: v for k, v in table.items() if isinstance(k, str) and isinstance(v, str)}
+    return {}
+
+
+def _check_model_type(model_type: object) -> None:
+    """Raise :class:`ModelRejected` unless mlx-lm has a model for ``model_type`` (or mlx-lm is not installed)."""
+    if model_type is None or model_type == "":
+        raise ModelRejected("config.json has no model_type")
+    if not isinstance(model_type, str) or not model_type.replace("-", "_").isidentifier():
+        raise ModelRejected(f"config.json's model_type must be a model name, got {model_type!r:.80}")
+    package = _mlx_lm_dir()
+    if package is None:  # cannot tell here; loading says
+        return
+    module = _mlx_lm_remapping().get(model_type, model_type)
+    if not (package / "models" / f"{module}.py").is_file():
+        try:
+            version = f" {importlib.metadata.version('mlx-lm')}"
+        except importlib.metadata.PackageNotFoundError:
+            version = ""
+        raise ModelRejected(f"model_type {model_type!r} is not supported by mlx-lm{version}")
 
 
 def _has_distribution(*names: str) -> bool:
@@ -229,31 +275,34 @@ class MLXBackend(Backend):
         device = "Metal" if sys.platform == "darwin" else "CPU, float32"
         return Availability(True, notes=f"{device}; BLAS: {_blas.describe()}; continuous batching (mlx-lm BatchGenerator)")
 
-    def describe(self, path: Path) -> ModelDescription | None:
-        config_file = path / "config.json"
+    def describe(self, path: Path) -> ModelDescription:
+        config = read_config(path)
         weights = sorted(path.glob("model*.safetensors"))
-        if not config_file.is_file() or not weights:
-            return None
+        if not weights:
+            raise ModelRejected("no weights (no model*.safetensors file)")
+        quant_config = config.get("quantization_config")
+        quant = quant_config.get("quant_method") if isinstance(quant_config, dict) else None
+        if isinstance(quant, str) and quant in _FOREIGN_QUANT:
+            raise ModelRejected(f"its weights are quantized with {quant!r}, which mlx-lm does not read")
+        _check_model_type(config.get("model_type"))
+        context = config.get("max_position_embeddings") or 4096
+        if isinstance(context, float) and context.is_integer():
+            context = int(context)
+        if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+            raise ModelRejected(f"config.json's max_position_embeddings must be a positive integer, got {context!r:.80}")
         try:
-            config = json.loads(config_file.read_text())
-        except (OSError, ValueError):
-            return None
-        model_type = config.get("model_type")
-        quant = (config.get("quantization_config") or {}).get("quant_method")
-        models_dir = _mlx_lm_models_dir()
-        if not model_type or quant in _FOREIGN_QUANT:
-            return None
-        if models_dir is not None and not (models_dir / f"{model_type}.py").exists():
-            return None
+            size = sum(f.stat().st_size for f in weights)
+        except OSError as exc:  # a broken link into a Hugging Face cache
+            raise ModelRejected(f"cannot read the weights ({Path(exc.filename or '?').name}: {exc.strerror})") from None
         try:
             params = _params_string(_safetensors_params(weights))
-        except (OSError, ValueError, KeyError, struct.error):
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
             params = None
         return ModelDescription(
-            architecture=model_type,
+            architecture=config["model_type"],
             format="safetensors",
-            max_context_length=int(config.get("max_position_embeddings") or 4096),
-            size_bytes=sum(f.stat().st_size for f in weights),
+            max_context_length=context,
+            size_bytes=size,
             params_string=params,
         )
 
