@@ -77,15 +77,18 @@ def catalog(models_dir) -> Catalog:
           " path is at most 4096 bytes with at most 255 bytes between slashes (this one: 300 bytes, longest part 300)")),
         ("a/" + "é" * 128, lms.LMKernelModelNotFoundError, "No model matches the key 'a/ééé"),
         ("/x" * 2100, lms.LMKernelModelNotFoundError, "No model matches the key '/x/x/x"),
-        ("~nosuchuser/x", lms.LMKernelModelNotFoundError,
-         "No model matches the key '~nosuchuser/x'. Available: aa/tiny, aa/tiny-ctx64, lmkernel/kjv-demo"),
-        ("~nosuchuser", lms.LMKernelModelNotFoundError, "No model matches the key '~nosuchuser'."),
+        ("~nosuchuser/x", lms.LMKernelModelNotFoundError, "No model folder at '~nosuchuser/x': the path does not exist"),
+        ("~nosuchuser", lms.LMKernelModelNotFoundError, "No model folder at '~nosuchuser': the path does not exist"),
+        ("nope", lms.LMKernelModelNotFoundError,
+         ("No model matches the key 'nope'. Available: tiny (aa/tiny), tiny-ctx64 (aa/tiny-ctx64), lmkernel/kjv-demo,"
+          " lmkernel/tiny-random-llama (folders searched: ")),
         ("", lms.LMKernelValueError, "A model key must be a non-empty string, got ''"),
         ("a\0b", lms.LMKernelValueError, "A model key cannot contain a NUL character, got 'a\\x00b'"),
         ("\ud800", lms.LMKernelValueError,
          "A model key must be valid Unicode text, got '\\ud800' (lone surrogate '\\ud800' at index 0)"),
         (5, lms.LMKernelValueError, "A model key must be a string, got int: 5"),
-        ("/definitely/not/here", lms.LMKernelModelNotFoundError, "No model matches the key '/definitely/not/here'."),
+        ("/definitely/not/here", lms.LMKernelModelNotFoundError,
+         "No model folder at '/definitely/not/here': the path does not exist"),
         ("aa/tinyy", lms.LMKernelModelNotFoundError, "No model matches the key 'aa/tinyy'. Did you mean 'aa/tiny'?"),
     ],
 )
@@ -97,14 +100,16 @@ def test_resolve_raises_only_not_found_or_value_errors(catalog, key, error, mess
 
 
 def test_resolve_still_finds_keys_names_and_paths(catalog, tiny_path):
-    assert catalog.resolve(TINY).key == TINY
-    assert catalog.resolve("TINY").key == TINY  # a unique bare name, any case
-    assert catalog.resolve(str(tiny_path)).key == TINY  # a folder in the model folders keeps its key
+    assert catalog.resolve("tiny").key == "tiny"
+    assert catalog.resolve(TINY).key == "tiny"  # its path
+    assert catalog.resolve("TINY").key == "tiny"  # any case
+    assert catalog.resolve(str(tiny_path)).key == "tiny"  # a folder in the model folders keeps its key
 
 
 def test_a_folder_no_backend_accepts_is_not_found(catalog, tmp_path):
-    with pytest.raises(lms.LMKernelModelNotFoundError, match="No backend can load the folder"):
+    with pytest.raises(lms.LMKernelModelNotFoundError) as info:
         catalog.resolve(str(tmp_path))
+    assert str(info.value) == f"No backend can load the folder {str(tmp_path)!r}: mlx: no config.json"
 
 
 # ---- the filesystem --------------------------------------------------------------------
@@ -136,7 +141,7 @@ def test_hf_cache_layout_survives_missing_snapshots(tmp_path):
     (hub / "models--nosnap--repo" / "snapshots").mkdir(parents=True)
     build_tiny_llama(hub / "models--pub--tiny" / "snapshots" / "abc", hidden_size=64, num_layers=1, num_heads=2)
     entries = Catalog([MLXBackend()], roots=[(hub, "hf-cache")]).entries()
-    assert [e.key for e in entries] == ["pub/tiny"]
+    assert [(e.key, e.info().path) for e in entries] == [("tiny", "pub/tiny")]
 
 
 def test_model_roots_survive_unknown_users_and_no_home(monkeypatch, tmp_path):
@@ -158,7 +163,7 @@ def test_folders_with_names_that_are_not_unicode_are_skipped(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lmkernel"):
         entries = catalog.entries()
         catalog.entries()
-    assert [e.key for e in entries] == ["pub/good"]
+    assert [e.key for e in entries] == ["good"]
     m.encode(m.DownloadedList(id=1, models=[e.info() for e in entries]))
     skipped = [r for r in caplog.records if "its name is not valid Unicode" in r.getMessage()]
     assert len(skipped) == 1  # logged once
@@ -222,7 +227,7 @@ def test_a_plugin_that_describes_wrongly_loses_only_its_descriptions(models_dir,
     with caplog.at_level(logging.WARNING, logger="lmkernel"):
         entries = catalog.entries()
         assert [list(e.descriptions) for e in catalog.entries()] == [list(e.descriptions) for e in entries]
-    assert [e.key for e in entries] == ["aa/tiny", "aa/tiny-ctx64"]
+    assert [e.key for e in entries] == ["tiny", "tiny-ctx64"]
     assert all(list(e.descriptions) == ["mlx"] for e in entries)
     listing = m.DownloadedList(id=1, models=[e.info() for e in entries])
     assert m.decode_event(m.encode(listing)) == listing  # what the kernel sends, every client can read
@@ -233,9 +238,11 @@ def test_a_plugin_that_describes_wrongly_loses_only_its_descriptions(models_dir,
 
 def test_a_folder_only_a_faulty_plugin_accepts_is_not_found_with_its_reason(tmp_path):
     with pytest.raises(lms.LMKernelModelNotFoundError) as info:
-        Catalog([DescribeFault("format")], roots=[]).resolve(str(tmp_path))
-    assert str(info.value).startswith(f"No backend can load the folder {str(tmp_path)!r}")
-    assert "(Backend 'faulty' returned an invalid model description: format must be one of" in str(info.value)
+        Catalog([MLXBackend(), DescribeFault("format")], roots=[]).resolve(str(tmp_path))
+    assert str(info.value).startswith(
+        f"No backend can load the folder {str(tmp_path)!r}: mlx: no config.json;"
+        " faulty: returned an invalid model description: format must be one of"
+    )
 
 
 def test_a_hung_describe_is_skipped_in_bounded_time(models_dir, caplog):
@@ -248,7 +255,7 @@ def test_a_hung_describe_is_skipped_in_bounded_time(models_dir, caplog):
             middle = time.monotonic()
             second = catalog.entries()  # the plugin is still hung: skipped at once
             end = time.monotonic()
-        assert [e.key for e in first] == [e.key for e in second] == ["aa/tiny", "aa/tiny-ctx64"]
+        assert [e.key for e in first] == [e.key for e in second] == ["tiny", "tiny-ctx64"]
         assert middle - start < 2 and end - middle < 0.5
         assert plugin.calls == 1
         assert "Backend 'faulty' is skipped while listing models: describe() did not answer within 0.2 s" in caplog.text
@@ -277,7 +284,7 @@ def test_list_downloaded_models_survives_a_plugin_with_a_bad_format(models_dir):
             _, inbox = conn.open(lambda i: m.ListDownloaded(id=i))
             answer = inbox.get(30)
             assert isinstance(answer, m.DownloadedList), answer
-            assert [info.model_key for info in answer.models][:2] == ["aa/tiny", "aa/tiny-ctx64"]
+            assert [info.model_key for info in answer.models][:2] == ["tiny", "tiny-ctx64"]
         conn.close()
     finally:
         kernel.stop()

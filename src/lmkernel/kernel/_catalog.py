@@ -1,18 +1,27 @@
 """Model folders on disk, and how a key names one of them.
 
-A key is a path to a model folder, or a name looked up in the model folders: the
-``LMKERNEL_MODELS`` path list, LM Studio's models folder and the Hugging Face hub cache
-(``LMKERNEL_NO_DEFAULT_FOLDERS=1`` keeps only ``LMKERNEL_MODELS``). Keys are
-``publisher/name`` as those tools lay them out; a bare ``name`` matches when it is unique.
+The model folders: the ``LMKERNEL_MODELS`` path list, LM Studio's models folder and the
+Hugging Face hub cache (``LMKERNEL_NO_DEFAULT_FOLDERS=1`` keeps only ``LMKERNEL_MODELS``).
 A folder is a model when some backend's :meth:`~lmkernel.plugins.Backend.describe` accepts it.
 
-Two models are built in. ``lmkernel/kjv-demo`` ships inside the package: a small Llama
-trained on the King James Bible (``tools/train_demo_model.py``), the default when no other
-model is found, so that a fresh machine completes text in English. ``lmkernel/tiny-random-llama``
-is a tiny seeded random Llama, generated into lmkernel's cache folder on first use (noise; for
-tests and benchmarks).
+Names follow LM Studio; ``docs/models.md`` states the rule and its reasons. A model's
+``path`` is its folder relative to its models folder (``publisher/repo``; in the Hugging Face
+cache, the repository id), its ``model_key`` the last part of that path, lower-cased; a key
+already taken goes to the first model (folders in order, then paths sorted), a later one is
+keyed by its path. A key resolves as: an explicit path (absolute, ``~``, ``./``, ``../``), a
+built-in key, a model's key, its path, the one model it names ignoring case (or a trailing part
+of its path), and last a folder relative to the working directory. A folder outside the model
+folders is named by its absolute path.
 
-Nothing here raises but :class:`~lmkernel.LMKernelModelNotFoundError` (no such model) and
+Two models are built in, keyed like LM Studio's hub models (``publisher/name``), which are
+also their paths. ``lmkernel/kjv-demo`` ships inside the package: a small Llama trained on
+the King James Bible (``tools/train_demo_model.py``), the default when no other model is
+found, so that a fresh machine completes text in English. ``lmkernel/tiny-random-llama`` is a
+tiny seeded random Llama, generated into lmkernel's cache folder on first use (noise; for
+tests and benchmarks). A folder at one of those paths in a models folder is not listed.
+
+Nothing here raises but :class:`~lmkernel.LMKernelModelNotFoundError` (no such model, or
+no backend takes the folder: each backend's reason is in the message) and
 :class:`~lmkernel.LMKernelValueError` (a key that cannot name anything): every filesystem
 call is guarded, and what a plugin's ``describe()`` says is checked
 (:func:`check_description`) and bounded in time (:data:`DESCRIBE_TIMEOUT`); a plugin that
@@ -27,13 +36,13 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import LMKernelModelNotFoundError, LMKernelValueError
-from ..plugins.contract import Backend, ModelDescription
+from ..plugins.contract import Backend, ModelDescription, ModelRejected
 from ._boundary import check_description
 from .config import show, unicode_problem
 from .messages import LlmInfo
@@ -61,7 +70,7 @@ class _DescribeHung(Exception):
 
 def _text(exc: BaseException) -> str:
     try:
-        text = str(exc)
+        text = str(exc).encode("utf-8", "backslashreplace").decode()
     except Exception:  # noqa: BLE001 - a plugin's exception with a broken __str__
         text = "<unprintable>"
     return text if len(text) <= 200 else text[:197] + "..."
@@ -126,21 +135,45 @@ def model_roots() -> list[tuple[Path, str]]:
     return roots
 
 
+def model_key(path: str) -> str:
+    """The key LM Studio gives the model at ``path`` (relative to its models folder): its last part, lower-cased."""
+    return path.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def is_explicit_path(key: str) -> bool:
+    """Tell whether ``key`` is written as a filesystem path: absolute, ``~...``, ``./...`` or ``../...``."""
+    return (
+        key in (".", "..")
+        or key.startswith(("~", "./", "../", os.sep))
+        or (os.altsep is not None and key.startswith((os.altsep, "." + os.altsep, ".." + os.altsep)))
+        or os.path.isabs(key)
+    )
+
+
 @dataclass(frozen=True)
 class CatalogEntry:
-    """A model folder some backend accepts: its key, path, description per backend."""
+    """A model folder some backend accepts.
+
+    ``key``: its model key; ``path``: the folder (absolute, what a backend loads);
+    ``relative_path``: the path shown as ``LlmInfo.path`` (relative to its models folder;
+    ``None`` for a folder outside them, shown as its absolute path); ``descriptions``: per
+    accepting backend; ``rejections``: per refusing backend, its reason.
+    """
 
     key: str
     path: Path
     descriptions: dict[str, ModelDescription]
+    relative_path: str | None = None
+    rejections: Mapping[str, str] = field(default_factory=dict)
 
     def info(self) -> LlmInfo:
         desc = next(iter(self.descriptions.values()))
+        shown = self.relative_path if self.relative_path is not None else str(self.path)
         return LlmInfo(
             model_key=self.key,
             format=desc.format,
-            display_name=desc.display_name or self.key.rsplit("/", 1)[-1],
-            path=str(self.path),
+            display_name=desc.display_name or shown.rstrip("/").rsplit("/", 1)[-1] or self.key,
+            path=shown,
             size_bytes=desc.size_bytes,
             max_context_length=desc.max_context_length,
             params_string=desc.params_string,
@@ -162,6 +195,7 @@ def _mtime(path: Path) -> float:
 
 
 def _candidates(root: Path, layout: str) -> Iterable[tuple[str, Path]]:
+    """The folders of ``root`` that may hold a model, each with its path relative to ``root``."""
     if not _guarded(root.is_dir, False):
         return
     if layout == "hf-cache":
@@ -183,6 +217,30 @@ def _existing_folder(key: str) -> Path | None:
     if not _guarded(path.is_dir, False):
         return None
     return _guarded(path.resolve, None)
+
+
+def _folder_problem(key: str) -> str:
+    """Say why ``key`` names no folder (it does not exist, is a file, cannot be read)."""
+    path = _guarded(Path(key).expanduser, Path(key))
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return "the path does not exist"
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or type(exc).__name__})"
+    except (ValueError, RuntimeError):
+        return "the path does not exist"
+    return "it is not a folder"
+
+
+def _reasons(rejections: Mapping[str, str]) -> str:
+    """``mlx, exllamav2: no config.json; other: ...``: each reason once, with the backends that gave it."""
+    if not rejections:
+        return "no backend is installed"
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in rejections.items():
+        by_reason.setdefault(reason, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
 
 
 class _Describer:
@@ -280,91 +338,159 @@ class Catalog:
                 describer = self._describers[id(backend)] = _Describer(backend)
         return describer.call(path, timeout)
 
-    def _describe(self, key: str, path: Path, problems: list[str] | None = None) -> CatalogEntry | None:
-        descriptions = {}
+    def _describe_folder(self, path: Path) -> tuple[dict[str, ModelDescription], dict[str, str]]:
+        """Ask every backend about ``path``: the descriptions of those that accept it, the reasons of the others."""
+        descriptions: dict[str, ModelDescription] = {}
+        rejections: dict[str, str] = {}
         for backend in self._backends:
             name = getattr(backend, "name", type(backend).__name__)
             try:
                 desc = self._call_describe(backend, path)
-                if desc is not None:
+                if desc is None:
+                    rejections[name] = "does not take this folder (it gave no reason)"
+                else:
                     descriptions[name] = check_description(name, desc)
+            except ModelRejected as exc:  # the usual answer for a folder that is not this backend's model
+                rejections[name] = _text(exc)
             except Exception as exc:  # noqa: BLE001 - a plugin's describe must not break listing
                 if isinstance(exc, LMKernelValueError):
+                    rejections[name] = _text(exc).removeprefix(f"Backend {name!r} ")
                     message = f"{exc} (for the folder {str(path)!r}); its description is skipped"
                 elif isinstance(exc, _DescribeHung):
+                    rejections[name] = _text(exc)
                     message = f"Backend {name!r} is skipped while listing models: {exc}"
                 else:
+                    rejections[name] = f"describe() raised {type(exc).__name__}: {_text(exc)}"
                     message = f"Backend {name!r} failed to describe {str(path)!r}: {type(exc).__name__}: {_text(exc)}"
                 self._warn_once(name, message)
-                if problems is not None:
-                    problems.append(message)
-        return CatalogEntry(key, path, descriptions) if descriptions else None
+        return descriptions, rejections
 
-    def describe(self, key: str, path: Path) -> CatalogEntry | None:
+    def describe(self, key: str, path: Path, relative_path: str | None = None) -> CatalogEntry | None:
         """The entry for the folder ``path`` under ``key``, or ``None`` when no backend accepts it."""
-        return self._describe(key, path)
+        descriptions, rejections = self._describe_folder(path)
+        return CatalogEntry(key, path, descriptions, relative_path, rejections) if descriptions else None
 
     def entries(self) -> list[CatalogEntry]:
-        """Every model folder a known backend accepts, first root first."""
-        seen: dict[str, CatalogEntry] = {}
+        """Every model folder a known backend accepts, first models folder first, each path once, each key once."""
+        keys = {BUILTIN_DEMO, BUILTIN_TINY}
+        paths = {BUILTIN_DEMO, BUILTIN_TINY}
+        folders: set[Path] = set()
+        found: list[CatalogEntry] = []
         for root, layout in self._roots if self._roots is not None else model_roots():
-            for key, path in _candidates(root, layout):
-                if key in seen:
+            for relative, folder in _candidates(root, layout):
+                if relative in paths:
+                    if relative in (BUILTIN_DEMO, BUILTIN_TINY):
+                        self._warn_once("", f"Skipped the model folder {str(folder)!r}: {relative!r} names a built-in model")
                     continue
-                if unicode_problem(key) is not None or unicode_problem(str(path)) is not None:
-                    self._warn_once("", f"Skipped the model folder {str(path)!r}: its name is not valid Unicode")
+                if unicode_problem(relative) is not None or unicode_problem(str(folder)) is not None:
+                    self._warn_once("", f"Skipped the model folder {str(folder)!r}: its name is not valid Unicode")
                     continue
-                if (entry := self._describe(key, path)) is not None:
-                    seen[key] = entry
-        return list(seen.values())
+                real = _guarded(folder.resolve, folder)
+                if real in folders:  # one folder reached from two models folders
+                    continue
+                descriptions, rejections = self._describe_folder(folder)
+                if not descriptions:
+                    continue
+                key = next((k for k in (model_key(relative), relative, str(folder)) if k not in keys), str(real))
+                keys.add(key)
+                paths.add(relative)
+                folders.add(real)
+                found.append(CatalogEntry(key, folder, descriptions, relative, rejections))
+        return found
+
+    def lookup(self, key: str) -> CatalogEntry:
+        """Find the listed or built-in model ``key`` names, never a folder on disk (as a server must).
+
+        Raises :class:`~lmkernel.LMKernelModelNotFoundError` listing what exists.
+        """
+        check_key(key)
+        builtin = self._builtin(key)
+        return builtin if builtin is not None else self._match(key, self.entries())
 
     def resolve(self, key: str) -> CatalogEntry:
-        """Find the model ``key`` names; raise a not-found error listing what exists.
+        """Find the model ``key`` names (a key, a path, or a folder); raise a not-found error saying why not.
 
         Raises only :class:`~lmkernel.LMKernelModelNotFoundError` and, for a key that cannot
         name anything (empty, NUL, not valid Unicode), :class:`~lmkernel.LMKernelValueError`.
         """
         check_key(key)
-        path = _existing_folder(key)
-        if path is not None:
-            known = next((e for e in self.entries() if _guarded(e.path.resolve, e.path) == path), None)
-            if known is not None:  # a folder in the model folders keeps its key
-                return known
-            problems: list[str] = []
-            entry = self._describe(path.name, path, problems)
-            if entry is None:
-                why = f" ({'; '.join(problems)})" if problems else ""
-                raise LMKernelModelNotFoundError(
-                    f"No backend can load the folder {str(path)!r}: "
-                    f"it needs a config.json and weights in a format a backend reads{why}"
-                )
-            return entry
+        if is_explicit_path(key):
+            folder = _existing_folder(key)
+            if folder is None:
+                raise LMKernelModelNotFoundError(f"No model folder at {key!r}: {_folder_problem(key)}")
+            return self._folder_entry(folder, self.entries())
+        builtin = self._builtin(key)
+        if builtin is not None:
+            return builtin
+        entries = self.entries()
+        try:
+            return self._match(key, entries)
+        except LMKernelModelNotFoundError as exc:
+            error = exc
+        folder = _existing_folder(key)  # last: a folder relative to the working directory
+        if folder is None:
+            raise error
+        return self._folder_entry(folder, entries)
+
+    def _builtin(self, key: str) -> CatalogEntry | None:
         if key == BUILTIN_TINY:
             return self.builtin_tiny()
-        if key == BUILTIN_DEMO and (demo := self.builtin_demo()) is not None:
-            return demo
-        entries = self.entries()
+        if key == BUILTIN_DEMO:
+            return self.builtin_demo()
+        return None
+
+    def _match(self, key: str, entries: list[CatalogEntry]) -> CatalogEntry:
+        """The entry ``key`` names among ``entries`` and the built-ins: a key, a path, then a unique match ignoring case."""
         for entry in entries:
             if entry.key == key:
                 return entry
-        by_name = [e for e in entries if e.key.rsplit("/", 1)[-1].lower() == key.lower()]
-        if len(by_name) == 1:
-            return by_name[0]
-        keys = [e.key for e in entries] + [BUILTIN_DEMO, BUILTIN_TINY]
-        close = difflib.get_close_matches(key, keys, n=1) if len(key) <= 200 else []
+        for entry in entries:
+            if entry.relative_path == key:
+                return entry
+        named = [(e.key, e.relative_path or str(e.path), lambda e=e: e) for e in entries]
+        if _guarded((demo_model_path() / "config.json").is_file, False):
+            named.append((BUILTIN_DEMO, BUILTIN_DEMO, self.builtin_demo))
+        named.append((BUILTIN_TINY, BUILTIN_TINY, self.builtin_tiny))
+        wanted = key.lower().rstrip("/")
+        found = [
+            (path, get) for k, path, get in named
+            if wanted and (wanted in (k.lower(), path.lower()) or path.lower().endswith("/" + wanted))
+        ]
+        if len(found) == 1 and (entry := found[0][1]()) is not None:
+            return entry
+        if len(found) > 1:
+            raise LMKernelModelNotFoundError(
+                f"The key {show(key)} matches {len(found)} models: {', '.join(path for path, _ in found)};"
+                " name one by its key or its path"
+            )
+        shown = [k if k == path else f"{k} ({path})" for k, path, _ in named]
+        names = [k for k, _, _ in named] + [path for k, path, _ in named if path != k]
+        close = difflib.get_close_matches(key, names, n=1) if len(key) <= 200 else []
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise LMKernelModelNotFoundError(
-            f"No model matches the key {show(key)}.{hint} Available: {', '.join(keys)}"
+            f"No model matches the key {show(key)}.{hint} Available: {', '.join(shown)}"
             " (folders searched: LMKERNEL_MODELS, LM Studio's models folder, the Hugging Face cache;"
             " a path to a model folder works too)"
         )
+
+    def _folder_entry(self, folder: Path, entries: list[CatalogEntry]) -> CatalogEntry:
+        """The entry for ``folder`` (resolved): a listed or built-in model keeps its key; another is keyed by its path."""
+        for entry in entries:
+            if _guarded(entry.path.resolve, entry.path) == folder:
+                return entry
+        if folder == _guarded(demo_model_path().resolve, None) and (demo := self.builtin_demo()) is not None:
+            return demo
+        descriptions, rejections = self._describe_folder(folder)
+        if not descriptions:
+            raise LMKernelModelNotFoundError(f"No backend can load the folder {str(folder)!r}: {_reasons(rejections)}")
+        return CatalogEntry(str(folder), folder, descriptions, None, rejections)
 
     def builtin_tiny(self) -> CatalogEntry:
         """The built-in tiny random model, generated on first use."""
         try:
             path = cache_dir() / "models" / BUILTIN_TINY
             if not (path / "config.json").exists():
-                from ..testing import build_tiny_llama
+                from ..testing import build_tiny_llama  # a leaf module: it imports nothing of lmkernel
 
                 tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
                 build_tiny_llama(tmp)
@@ -376,17 +502,17 @@ class Catalog:
             raise LMKernelModelNotFoundError(
                 f"The built-in model {BUILTIN_TINY!r} could not be built: {type(exc).__name__}: {exc}"
             ) from None
-        entry = self.describe(BUILTIN_TINY, path)
-        if entry is None:
-            raise LMKernelModelNotFoundError(f"No available backend can load the built-in model {BUILTIN_TINY!r}")
-        return entry
+        descriptions, rejections = self._describe_folder(path)
+        if not descriptions:
+            raise LMKernelModelNotFoundError(f"No backend can load the built-in model {BUILTIN_TINY!r}: {_reasons(rejections)}")
+        return CatalogEntry(BUILTIN_TINY, path, descriptions, BUILTIN_TINY, rejections)
 
     def builtin_demo(self) -> CatalogEntry | None:
         """The demo model shipped with the package, if this installation has it."""
         path = demo_model_path()
         if not _guarded((path / "config.json").exists, False):
             return None
-        return self.describe(BUILTIN_DEMO, path)
+        return self.describe(BUILTIN_DEMO, path, BUILTIN_DEMO)
 
     def default(self) -> CatalogEntry:
         """The model ``llm()`` loads when given no key and nothing is loaded.
