@@ -7,12 +7,14 @@ This module only re-exports the public names; heavy engines load with the first 
 
 from msgspec import ValidationError
 
+from ._compat import *  # noqa: F403 - LM Studio's other names (aliases, config dicts, stubs)
+from ._compat import __all__ as _compat_all
 from .errors import *  # noqa: F403 - the exception hierarchy is public
 from .errors import LMSTUDIO_ALIASES as _ALIASES
 from .errors import __all__ as _errors_all
 from .kernel.config import LlmLoadModelConfig, LlmPredictionConfig, LlmStructuredPredictionSetting
 from .kernel.messages import LlmInfo, LlmInstanceInfo, LlmPredictionStats
-from .sdk import *  # noqa: F403
+from .sdk import *  # noqa: F403 - after _compat: a feature the SDK implements replaces its stub
 from .sdk import __all__ as _sdk_all
 from .sdk import async_api, sync_api
 from .sdk._ops import DEFAULT_TTL
@@ -22,8 +24,9 @@ globals().update(_ALIASES)
 
 from ._version import __version__
 
-__all__ = [
+__all__ = sorted([
     *_sdk_all,
+    *_compat_all,
     *_errors_all,
     *_ALIASES,
     "DEFAULT_TTL",
@@ -36,4 +39,4 @@ __all__ = [
     "ValidationError",
     "build_tiny_llama",
     "__version__",
-]
+])
