@@ -29,11 +29,12 @@ def test_complete_streams_text_and_prints_stats():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
     assert "loading model: 100%" in done.stderr and "processing prompt: 100%" in done.stderr
-    assert f"model: {TINY} | backend: mlx | stop reason:" in done.stderr and "tokens/s" in done.stderr
     import lmkernel as lms
 
-    expected = lms.llm(TINY).complete("The cat in the", config={"maxTokens": 12, "temperature": 0}).content
-    assert done.stdout == expected + "\n"
+    expected = lms.llm(TINY).complete("The cat in the", config={"maxTokens": 12, "temperature": 0})
+    assert f"model: {expected.model_info.model_key} | backend: mlx | stop reason:" in done.stderr
+    assert "tokens/s" in done.stderr
+    assert done.stdout == expected.content + "\n"
 
 
 def test_complete_with_stop_string():
@@ -71,6 +72,11 @@ def _cells(line: str, n: int) -> list[str]:
     return [cell.strip() for cell in cells]
 
 
+def _tiny_row(rows: list[dict[str, str]]) -> dict[str, str]:
+    """The test model's row, whether its key is its folder path or (as LM Studio names it) its last part."""
+    return next(r for r in rows if TINY in (r["KEY"], r["PATH"]))
+
+
 def test_models_agrees_with_list_downloaded_models():
     import lmkernel as lms
     from lmkernel.plugins.discovery import discover
@@ -80,7 +86,7 @@ def test_models_agrees_with_list_downloaded_models():
     rows = _table(done.stdout)
     infos = [m.info for m in lms.list_downloaded_models()]
     assert [r["KEY"] for r in rows] == [i.model_key for i in infos]
-    assert TINY in [r["KEY"] for r in rows] and DEMO in [r["KEY"] for r in rows]
+    assert _tiny_row(rows) and DEMO in [r["KEY"] for r in rows]
     for row, info in zip(rows, infos):
         assert row["PARAMS"] == (info.params_string or "?")
         assert (row["ARCH"], row["FORMAT"], row["CONTEXT"], row["PATH"]) == (
@@ -93,9 +99,10 @@ def test_models_agrees_with_list_downloaded_models():
 def test_models_shows_each_model_its_own_parameter_count():
     done = lmkernel("models", LMKERNEL_BACKENDS="mlx")
     assert done.returncode == 0, done.stderr
-    params = {r["KEY"]: r["PARAMS"] for r in _table(done.stdout)}
+    rows = _table(done.stdout)
+    params = {r["KEY"]: r["PARAMS"] for r in rows}
     assert params[DEMO] == "4.46M"  # the demo's 4.5M parameters, counted from its safetensors header
-    assert params[TINY] not in ("?", params[DEMO])
+    assert _tiny_row(rows)["PARAMS"] not in ("?", params[DEMO])
     assert "Backends that can run here: mlx." in done.stderr  # nothing unavailable: no "not here" part
 
 
