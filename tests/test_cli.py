@@ -6,9 +6,11 @@ import argparse
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -248,3 +250,12 @@ def test_serve_refuses_a_port_out_of_range():
     done = lmkernel("serve", "--port", "99999")
     assert done.returncode == 2
     assert done.stderr.strip().endswith("argument --port: a port is an integer from 0 to 65535, got 99999")
+
+
+def test_cli_uses_only_public_modules():
+    """The command is a user of the SDK and the plugin contract, not of the kernel's internals."""
+    import lmkernel.cli
+
+    source = Path(lmkernel.cli.__file__).read_text(encoding="utf-8")
+    private = sorted(set(re.findall(r"(?:from|import) (\S*\._\w+)", source)) - {"._version"})
+    assert private == [], private
