@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 
 import pytest
+import trio
 
 import lmkernel as lms
 from lmkernel.kernel._catalog import demo_model_path
@@ -111,8 +113,24 @@ def test_configure_default_client(fresh_kernel):
         lms.configure_default_client("localhost:1234")
 
 
-def test_an_unreachable_host_fails_at_once():
+def test_an_unreachable_host_fails_on_first_use_not_in_the_constructor():
+    client = lms.Client("127.0.0.1:9")  # as in LM Studio's SDK: nothing connects yet
+    assert repr(client) == "Client(api_host='127.0.0.1:9')"
     with pytest.raises(lms.LMKernelConnectionError, match=r"lmkernel is not reachable at 127\.0\.0\.1:9"):
-        lms.Client("127.0.0.1:9")
+        with client:
+            pass
+    with pytest.raises(lms.LMKernelConnectionError, match=r"lmkernel is not reachable at 127\.0\.0\.1:9"):
+        lms.Client("127.0.0.1:9").list_loaded_models()
+
+    async def async_use():
+        client = lms.AsyncClient("127.0.0.1:9")
+        with pytest.raises(lms.LMKernelConnectionError, match=r"not reachable at 127\.0\.0\.1:9"):
+            async with client:
+                pass
+        with pytest.raises(lms.LMKernelConnectionError, match=r"not reachable at 127\.0\.0\.1:9"):
+            await lms.AsyncClient("127.0.0.1:9").llm.list_loaded()
+
+    asyncio.run(async_use())
+    trio.run(async_use)
     with pytest.raises(lms.LMKernelConnectionError, match="An API host is 'host:port', got 'nohost'"):
         lms.Client("nohost")

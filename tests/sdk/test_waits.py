@@ -86,8 +86,8 @@ def test_a_client_left_idle_past_the_servers_idle_timeout_dials_again(transport)
             model = client.llm.model(TINY)
             assert model.complete("the cat", config={"maxTokens": 2}).stats.predicted_tokens_count >= 1
             time.sleep(2.5)  # the server closes the idle connection
-            assert client._conn._transport is None  # it did: nothing was in flight, so nobody failed
+            assert client._link._conn._transport is None  # it did: nothing was in flight, so nobody failed
             assert model.complete("the cat", config={"maxTokens": 2}).stats.predicted_tokens_count >= 1
-            assert client._conn._generation == 1  # the second call dialled again
+            assert client._link._conn._generation == 1  # the second call dialled again
     finally:
         assert server.stop() == 0

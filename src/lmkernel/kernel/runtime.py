@@ -6,7 +6,8 @@ returned :class:`InProcessConnection` sends encoded request frames. Frames are h
 with ``TrioToken.run_sync_soon``: thread-safe, non-blocking, in order.
 
 :func:`default_kernel` is the process-wide kernel, started on first use and shut down when
-the interpreter exits (models unloaded, engine threads ended cleanly).
+the interpreter exits (models unloaded, engine threads ended cleanly): :func:`stop_all`, called
+by an ``atexit`` hook that runs after the program's own hooks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..errors import LMKernelConnectionError
 from ._kernel import Kernel
 from ._mailbox import Peer
 
-__all__ = ["InProcessConnection", "KernelThread", "default_kernel"]
+__all__ = ["InProcessConnection", "KernelThread", "default_kernel", "stop_all"]
 
 log = logging.getLogger("lmkernel.kernel")
 
@@ -216,33 +217,14 @@ def default_kernel() -> KernelThread:
     with _default_lock:
         if _default is None or not _default.alive:
             _default = KernelThread().start()
-            _register_exit(_default)
         return _default
 
 
-def _join_user_threads() -> None:
-    """Wait for the program's own non-daemon threads, as the interpreter is about to.
+def stop_all() -> None:
+    """Stop every kernel of this process (models unloaded, engine threads ended).
 
-    ``threading._register_atexit`` hooks run before Python joins non-daemon threads; a
-    thread still predicting must finish its work before the kernel stops under it.
+    The SDK calls this from an ``atexit`` hook registered when ``lmkernel`` is imported (see
+    ``sdk/_connection.py``), so that it runs after the program's own hooks.
     """
-    me = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not me and not thread.daemon and thread is not threading.main_thread() and thread.is_alive():
-            thread.join()
-
-
-def _register_exit(kernel: KernelThread) -> None:
-    # Runs before daemon threads are abandoned, so engine threads end (and release their
-    # thread-bound state, e.g. MLX streams) while the interpreter is still whole; and after
-    # the program's own threads are done with the kernel.
-    def at_exit() -> None:
-        _join_user_threads()
+    for kernel in list(_all):
         kernel.stop()
-
-    try:
-        threading._register_atexit(at_exit)  # type: ignore[attr-defined]
-    except (AttributeError, RuntimeError):  # first used while the interpreter is shutting down
-        import atexit
-
-        atexit.register(kernel.stop)

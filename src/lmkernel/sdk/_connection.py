@@ -9,9 +9,11 @@ through a *waker* that the producer pokes after each put.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -23,6 +25,20 @@ from ..kernel import messages as m
 
 if TYPE_CHECKING:
     from ..kernel.runtime import KernelThread
+
+
+def _stop_kernels_at_exit() -> None:
+    runtime = sys.modules.get("lmkernel.kernel.runtime")
+    if runtime is not None:
+        runtime.stop_all()
+
+
+# Registered when lmkernel is imported: ``atexit`` runs hooks in reverse order, so every hook
+# the program registers after ``import lmkernel`` runs first, with the kernel still serving
+# (LM Studio's SDK examples use the default client in one). By then Python has joined the
+# program's non-daemon threads, and the interpreter is still whole for the engine threads
+# to end cleanly (releasing thread-bound state such as MLX streams).
+atexit.register(_stop_kernels_at_exit)
 
 
 class _AsyncioWaker:
@@ -75,6 +91,23 @@ def current_waker() -> _AsyncioWaker | _TrioWaker:
     raise LMKernelConnectionError(f"lmkernel's async API runs under asyncio or trio, not {library}")
 
 
+_sync_timeout: float | None = 60.0
+
+
+def get_sync_api_timeout() -> float | None:
+    """Seconds the sync API waits for each answer from the kernel (``None``: forever)."""
+    return _sync_timeout
+
+
+def set_sync_api_timeout(timeout: float | None) -> None:
+    """Set the sync API's wait per answer from the kernel; ``None`` waits forever."""
+    global _sync_timeout
+    _sync_timeout = None if timeout is None else float(timeout)
+
+
+_SYNC_API_TIMEOUT = object()  # Inbox.get's default: get_sync_api_timeout() at the time of the wait
+
+
 class Inbox:
     """Events for one request, put by the kernel thread, taken by one consumer.
 
@@ -95,12 +128,16 @@ class Inbox:
         if self.waker is not None:
             self.waker.wake()
 
-    def get(self, timeout: float | None) -> m.Event:
+    def get(self, timeout: float | None | object = _SYNC_API_TIMEOUT) -> m.Event:
         """Block until the next event; :class:`LMKernelTimeoutError` after ``timeout`` s of silence.
+
+        The default ``timeout`` is the sync API's (:func:`get_sync_api_timeout`).
 
         While the request is queued behind others the wait has no limit: the kernel is
         alive and has said so (if it dies, the connection fails this inbox at once).
         """
+        if timeout is _SYNC_API_TIMEOUT:
+            timeout = _sync_timeout
         if self._queued:
             timeout = None
         try:
@@ -131,7 +168,61 @@ class Inbox:
 def resolve_host(api_host: str | None) -> str | None:
     """Where a client connects: ``api_host``, else ``LMKERNEL_API_HOST``; ``None`` is in-process."""
     host = api_host if api_host is not None else os.environ.get("LMKERNEL_API_HOST") or None
-    return None if host in (None, "", "in-process") else host
+    if host in (None, "", "in-process"):
+        return None
+    from ._remote import parse_host
+
+    parse_host(host)  # a malformed address is refused at once; reaching it waits for the first call
+    return host
+
+
+class ClientLink:
+    """A client's connection, made on first use (by any thread, once) and closed once.
+
+    Constructing a client does not connect; :meth:`connect` (blocking: it dials a server or
+    starts the in-process kernel) runs on ``with`` or the first call, so a wrong host fails
+    there, as in LM Studio's SDK.
+    """
+
+    def __init__(self, api_host: str | None, token: str | None) -> None:
+        self._host = api_host
+        self._token = token
+        self._conn: Connection | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def ready(self) -> Connection | None:
+        """The open connection, or ``None`` if :meth:`connect` must run first; raise if closed."""
+        conn = self._conn
+        if conn is not None:
+            conn.check_open()
+        elif self._closed:
+            raise LMKernelConnectionError("This client is closed")
+        return conn
+
+    def connect(self) -> Connection:
+        """Return the connection, dialling it first if needed (blocks)."""
+        with self._lock:
+            if self._conn is None:
+                if self._closed:
+                    raise LMKernelConnectionError("This client is closed")
+                self._conn = Connection(self._host, self._token)
+            conn = self._conn
+        conn.check_open()
+        return conn
+
+    @property
+    def lost(self) -> str | None:
+        """Why the connection was lost, if it was (see :attr:`Connection.lost`)."""
+        return self._conn.lost if self._conn is not None else None
+
+    def close(self) -> None:
+        """Close the connection (if any); later calls fail with ``This client is closed``."""
+        with self._lock:
+            self._closed = True
+            conn = self._conn
+        if conn is not None:
+            conn.close()
 
 
 class Connection:

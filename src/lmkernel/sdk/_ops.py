@@ -1,8 +1,8 @@
 """Requests and their answers, written once for every facade.
 
 Each operation is a :class:`Call`: how to build the request, what to do with load
-progress, and how to read the terminal event. The sync facade runs a call with
-:func:`run_sync`, the async one with :func:`run_async`; neither knows any operation.
+progress, and how to read the terminal event. The facade (one source, see
+``async_api.py``) sends a call and waits for its answer; it knows no operation.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from ..kernel.config import (
     show,
     unicode_problem,
 )
-from ._connection import Connection, current_waker
 
 T = TypeVar("T")
 log = logging.getLogger("lmkernel")
@@ -58,20 +57,6 @@ def expect(event: m.Event, kind: type[m.Event]) -> Any:
     if isinstance(event, m.Failed):
         raise error_from_info(event.error)
     raise LMKernelClientError(f"Unexpected answer from the kernel: {event!r}")
-
-
-def run_sync(connection: Connection, call: Call[T], timeout: float | None) -> T:
-    _, inbox = connection.open(call.make)
-    while isinstance(event := inbox.get(timeout), m.LoadProgress):
-        call.progress(event.progress)
-    return call.parse(event)
-
-
-async def run_async(connection: Connection, call: Call[T]) -> T:
-    _, inbox = connection.open(call.make, current_waker())
-    while isinstance(event := await inbox.aget(), m.LoadProgress):
-        call.progress(event.progress)
-    return call.parse(event)
 
 
 # ---- argument checks (before anything is encoded: the wire takes only valid values) ------
@@ -152,16 +137,30 @@ def tokenize(identifier: str, text: str | Iterable[str]) -> Call[list[int] | lis
     return Call(lambda i: m.Tokenize(id=i, model=identifier, texts=texts), parse)
 
 
+@dataclass(frozen=True)
+class PreparedPrediction:
+    """What a stream needs: the request factory, the callbacks, and an error to report on start."""
+
+    make: Callable[[int], m.Predict]
+    callbacks: dict[str, Any]
+    refused: BaseException | None = None
+
+
 def prepare_prediction(
     identifier: str, prompt: str, *, response_format: Any, config: Any, preset: str | None, **callbacks: Any
-) -> tuple[Callable[[int], m.Predict], dict[str, Any]]:
+) -> PreparedPrediction:
     """Everything ``complete_stream`` does before a stream exists, for both facades.
 
-    Refuses what cannot be honoured and validates ``config`` (raising before any compute);
-    returns the request factory and the callbacks for the prediction state.
+    Validates ``config`` and refuses what cannot be honoured (raising before any compute).
+    An unknown preset is the server's answer in LM Studio: it surfaces from the stream
+    (iteration, ``result()``, ``wait_for_result()``), not from ``complete_stream()``.
     """
-    reject_unsupported(response_format=response_format, preset=preset)
-    return predict_request(identifier, prompt, config), callbacks
+    reject_unsupported(response_format=response_format)
+    refused = None
+    if preset is not None:
+        check_text(preset, "A preset name")
+        refused = LMKernelPresetNotFoundError(f"No preset named {preset!r}: lmkernel has no saved presets")
+    return PreparedPrediction(predict_request(identifier, prompt, config), callbacks, refused)
 
 
 def predict_request(identifier: str, prompt: str, config: Any) -> Callable[[int], m.Predict]:
@@ -177,11 +176,9 @@ def check_namespace(namespace: str | None) -> None:
         raise LMKernelValueError(f"Unknown model namespace: {namespace!r}")
 
 
-def reject_unsupported(*, response_format: Any, preset: str | None) -> None:
+def reject_unsupported(*, response_format: Any) -> None:
     """Refuse the ``complete()`` arguments lmkernel cannot honour yet, before any compute."""
     if response_format is not None:
         raise LMKernelUnsupportedConfigError(
             f"response_format (structured output) is not supported by lmkernel yet, got {response_format!r}"
         )
-    if preset is not None:
-        raise LMKernelPresetNotFoundError(f"No preset named {preset!r}: lmkernel has no saved presets")

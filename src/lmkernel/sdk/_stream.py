@@ -9,21 +9,8 @@ from ..errors import LMKernelRuntimeError
 from ..kernel import messages as m
 from ._connection import Connection, Inbox
 from ._prediction import PredictionState
+from ._public import public_api
 from .types import PredictionResult
-
-_sync_timeout: float | None = 60.0
-
-
-def get_sync_api_timeout() -> float | None:
-    """Seconds the sync API waits for each answer from the kernel (``None``: forever)."""
-    return _sync_timeout
-
-
-def set_sync_api_timeout(timeout: float | None) -> None:
-    """Set the sync API's wait per answer from the kernel; ``None`` waits forever."""
-    global _sync_timeout
-    _sync_timeout = None if timeout is None else float(timeout)
-
 
 class StreamCore:
     """A prediction stream's state and request handling, without any waiting."""
@@ -33,6 +20,7 @@ class StreamCore:
         connection: Connection,
         make_request: Callable[[int], m.Predict],
         callbacks: dict[str, Any],
+        error: BaseException | None = None,
     ) -> None:
         self._connection = connection
         self._make_request = make_request
@@ -40,11 +28,15 @@ class StreamCore:
         self._id: int | None = None
         self._inbox: Inbox | None = None
         self._abandoned = False
+        self._refused = error  # reported when the stream starts, as a server's answer would be
 
     def _open(self, waker=None) -> None:
         if self._state.started:
             raise LMKernelRuntimeError("Prediction request has already been sent.")
         self._state.started = True
+        if self._refused is not None:
+            self._state.record_error(self._refused)
+            return
         self._id, self._inbox = self._connection.open(self._make_request, waker)
 
     def _begin_iteration(self) -> None:
@@ -65,26 +57,19 @@ class StreamCore:
             self._request_cancel()
             self._abandoned = True
 
-    def _drain(self) -> None:
+    def _drain_now(self) -> None:
         """Take events until the terminal one, blocking (the kernel answers a cancel at once)."""
         while not self._state.done:
             try:
-                self._state.handle(self._inbox.get(get_sync_api_timeout()))
-            except BaseException as exc:
+                self._state.handle(self._inbox.get())
+            except Exception as exc:
                 self._state.record_error(exc)
-
-    def _close_unfinished(self) -> None:
-        if self._state.started and not self._state.done:
-            if self._abandoned:
-                self._drain()
-            else:
-                self._request_cancel()
-                self._state.close_unfinished()
 
     def _fail(self, exc: BaseException) -> None:
         self._request_cancel()
         self._state.record_error(exc)
 
+    @public_api
     def result(self) -> PredictionResult:
         """Return the result without waiting; raise if there is none yet or it failed.
 
@@ -92,7 +77,7 @@ class StreamCore:
         is available here.
         """
         if self._abandoned and not self._state.done:
-            self._drain()
+            self._drain_now()
         return self._state.result()
 
     @property

@@ -1,44 +1,59 @@
-"""The asynchronous API: ``AsyncClient``, ``AsyncLLM``, ``AsyncPredictionStream``.
+"""The client API, written once: ``AsyncClient``, ``AsyncLLM``, ``AsyncPredictionStream``.
 
-The same methods as the sync API, awaited. Works under asyncio and under trio (the loop
-is detected when a call starts); answers from the kernel wake the waiting task through
-the loop's own thread-safe hook, so the loop is never blocked.
+This file is the single source of both facades. ``tools/unasync.py`` generates the sync
+facade (``_sync_facade.py``: ``Client``, ``LLM``, ``PredictionStream``, ...) from it by
+dropping ``async``/``await`` and renaming (``AsyncX`` -> ``X``, ``aclose`` -> ``close``,
+``_async_io`` -> ``_sync_io``); a test regenerates it and fails on any difference. What is
+not waiting lives elsewhere, shared: requests and answers in :mod:`._ops`, a stream's state
+in :class:`StreamCore`, the connection in :class:`ClientLink`; how to wait is the one
+per-facade module (:mod:`._async_io` / :mod:`._sync_io`).
+
+Works under asyncio and under trio (the loop is detected when a call starts): answers from
+the kernel wake the waiting task through the loop's own thread-safe hook, and dialling a
+server runs on a worker thread, so the loop never blocks.
 """
 
 from __future__ import annotations
 
 import weakref
-
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ..kernel import messages as m
 from ..kernel.config import LlmLoadModelConfig, LlmPredictionConfig
 from . import _ops
-from ._connection import Connection, current_waker, resolve_host
+from ._async_io import run_blocking, waker
+from ._connection import ClientLink, Connection, resolve_host
 from ._ops import DEFAULT_TTL
+from ._public import public_api
 from ._stream import StreamCore
 from .types import AssistantResponse, LlmPredictionFragment, PredictionResult
 
 __all__ = ["AsyncClient", "AsyncDownloadedLlm", "AsyncLLM", "AsyncPredictionStream"]
 
+T = TypeVar("T")
 
-class _Fragments:
-    """The async iterator of a stream; dropping it unfinished (``break``) cancels the prediction."""
+
+class _AsyncFragments:
+    """A stream's iterator; dropping it unfinished (``break``) stops the prediction."""
 
     def __init__(self, stream: AsyncPredictionStream) -> None:
         self._stream = stream
 
-    def __aiter__(self) -> _Fragments:
+    def __aiter__(self) -> _AsyncFragments:
         return self
 
+    @public_api
     async def __anext__(self) -> LlmPredictionFragment:
         stream = self._stream
         state = stream._state
         while not state.done:
             try:
                 event = await stream._inbox.aget()
-            except BaseException:  # the task was cancelled: stop the engine too
+            except Exception as exc:  # a timeout or a lost connection: the stream fails with it
+                stream._fail(exc)
+                raise
+            except BaseException:  # cancelled or interrupted: stop the engine, keep the partial text
                 stream._abandon()
                 raise
             fragment = state.handle(event)
@@ -52,15 +67,17 @@ class _Fragments:
 
 
 class AsyncPredictionStream(StreamCore):
-    """A running prediction; ``async for`` it once for :class:`LlmPredictionFragment` objects.
+    """A running prediction; iterate it once (``async for``) for :class:`LlmPredictionFragment` objects.
 
-    Leaving the loop early (``break``) cancels the generation in the engine; ``result()``
-    then returns the partial text with stop reason ``userStopped``.
+    The request is sent on :meth:`start`, on entering the context manager, or on first
+    iteration; callbacks run where the stream is iterated. Leaving the loop early (``break``)
+    stops the generation in the engine; ``result()`` then holds the partial text with stop
+    reason ``userStopped``.
     """
 
     async def start(self) -> None:
         """Send the request (at most once)."""
-        self._open(current_waker())
+        self._open(waker())
 
     async def __aenter__(self) -> AsyncPredictionStream:
         if not self._state.started:
@@ -74,24 +91,37 @@ class AsyncPredictionStream(StreamCore):
 
     async def aclose(self) -> None:
         """Release the stream; an unfinished prediction is stopped."""
-        self._close_unfinished()
+        if self._state.started and not self._state.done:
+            if self._abandoned:
+                await self._drain()
+            else:
+                self._request_cancel()
+                self._state.close_unfinished()
 
-    def __aiter__(self) -> _Fragments:
+    def __aiter__(self) -> _AsyncFragments:
         self._begin_iteration()
         if not self._state.started:
-            self._open(current_waker())
-        return _Fragments(self)
+            self._open(waker())
+        return _AsyncFragments(self)
+
+    async def _drain(self) -> None:
+        """Take events until the terminal one (the kernel answers a cancel at once)."""
+        while not self._state.done:
+            try:
+                self._state.handle(await self._inbox.aget())
+            except Exception as exc:
+                self._state.record_error(exc)
 
     async def cancel(self) -> None:
         """Ask the engine to stop; iteration then ends with stop reason ``userStopped``."""
         self._request_cancel()
 
+    @public_api
     async def wait_for_result(self) -> PredictionResult:
         """Consume the stream to its end and return the result."""
         if not self._state.done:
-            if self._abandoned:
-                while not self._state.done:
-                    self._state.handle(await self._inbox.aget())
+            if self._abandoned or self._state.iterating:
+                await self._drain()
             else:
                 async for _ in self:
                     pass
@@ -106,13 +136,14 @@ class AsyncLLM:
         self._session = session
 
     def __repr__(self) -> str:
-        return f"AsyncLLM(identifier={self.identifier!r})"
+        return f"{type(self).__name__}(identifier={self.identifier!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, AsyncLLM) and other._session is self._session and other.identifier == self.identifier
+        return isinstance(other, type(self)) and other._session is self._session and other.identifier == self.identifier
 
     __hash__ = None  # type: ignore[assignment]
 
+    @public_api
     async def complete_stream(
         self,
         prompt: str,
@@ -125,42 +156,59 @@ class AsyncLLM:
         on_prediction_fragment: Callable[[LlmPredictionFragment], Any] | None = None,
         on_prompt_processing_progress: Callable[[float], Any] | None = None,
     ) -> AsyncPredictionStream:
-        """Start completing ``prompt`` verbatim; returns a lazy stream (``config`` validated now)."""
-        make, callbacks = _ops.prepare_prediction(
+        """Start completing ``prompt`` verbatim (no chat template); returns a lazy stream.
+
+        ``config`` is validated here, before anything runs.
+        """
+        prepared = _ops.prepare_prediction(
             self.identifier, prompt, response_format=response_format, config=config, preset=preset,
             on_message=on_message, on_first_token=on_first_token,
             on_prediction_fragment=on_prediction_fragment,
             on_prompt_processing_progress=on_prompt_processing_progress,
         )
-        return AsyncPredictionStream(self._session._client._connection(), make, callbacks)
+        connection = await self._session._client._connection()
+        return AsyncPredictionStream(connection, prepared.make, prepared.callbacks, prepared.refused)
 
+    @public_api
     async def complete(self, prompt: str, **kwargs: Any) -> PredictionResult:
         """Complete ``prompt`` and return the result (same keyword arguments as ``complete_stream``)."""
         stream = await self.complete_stream(prompt, **kwargs)
         return await stream.wait_for_result()
 
+    @public_api
     async def tokenize(self, input: str | Iterable[str]) -> Sequence[int] | Sequence[Sequence[int]]:
+        """Token ids of a string, or a list of them for an iterable of strings."""
         return await self._session._client._call(_ops.tokenize(self.identifier, input))
 
+    @public_api
     async def count_tokens(self, input: str) -> int:
+        """How many tokens ``input`` is."""
         return len(await self.tokenize(input))
 
+    @public_api
     async def get_context_length(self) -> int:
+        """The context length the instance was loaded with."""
         return (await self.get_info()).context_length
 
+    @public_api
     async def get_info(self) -> m.LlmInstanceInfo:
+        """The instance's :class:`LlmInstanceInfo`."""
         return (await self._session._client._call(_ops.get_info(self.identifier))).info
 
+    @public_api
     async def get_load_config(self) -> LlmLoadModelConfig:
+        """The load config the instance runs with."""
         answer = await self._session._client._call(_ops.get_info(self.identifier))
         return LlmLoadModelConfig.from_dict(answer.load_config)
 
+    @public_api
     async def unload(self) -> None:
+        """Unload this instance."""
         await self._session.unload(self.identifier)
 
 
 class AsyncDownloadedLlm:
-    """A model found in the model folders (``await list_downloaded_models()``)."""
+    """A model found in the model folders (``list_downloaded_models()``)."""
 
     type = "llm"
 
@@ -177,15 +225,24 @@ class AsyncDownloadedLlm:
         return self.info.path
 
     def __repr__(self) -> str:
-        return f"AsyncDownloadedLlm(model_key={self.info.model_key!r}, display_name={self.info.display_name!r})"
+        return (
+            f"{type(self).__name__}(model_key={self.info.model_key!r}, display_name={self.info.display_name!r}, "
+            f"architecture={self.info.architecture!r}, vision={self.info.vision!r})"
+        )
 
-    async def model(self, *, ttl: int | None = DEFAULT_TTL, config: Any = None, on_load_progress: Any = None) -> AsyncLLM:
+    @public_api
+    async def model(
+        self, *, ttl: int | None = DEFAULT_TTL, config: Any = None, on_load_progress: Any = None
+    ) -> AsyncLLM:
+        """The loaded instance of this model, loading it if needed."""
         return await self._session.model(self.model_key, ttl=ttl, config=config, on_load_progress=on_load_progress)
 
+    @public_api
     async def load_new_instance(
         self, *, ttl: int | None = DEFAULT_TTL, instance_identifier: str | None = None,
         config: Any = None, on_load_progress: Any = None,
     ) -> AsyncLLM:
+        """Load another instance of this model."""
         return await self._session.load_new_instance(
             self.model_key, instance_identifier, ttl=ttl, config=config, on_load_progress=on_load_progress
         )
@@ -197,6 +254,7 @@ class _AsyncSessionLlm:
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
 
+    @public_api
     async def model(
         self,
         model_key: str | None = None,
@@ -206,10 +264,14 @@ class _AsyncSessionLlm:
         config: LlmLoadModelConfig | dict[str, Any] | None = None,
         on_load_progress: Callable[[float], Any] | None = None,
     ) -> AsyncLLM:
-        """Return the loaded model ``model_key``, loading it if needed (no key: the default)."""
+        """Return the loaded model ``model_key``, loading it if needed.
+
+        With no key: the first loaded model, else the default model (loaded).
+        """
         call = _ops.load(model_key, ttl=ttl, config=config, on_progress=on_load_progress)
         return AsyncLLM(await self._client._call(call), self)
 
+    @public_api
     async def load_new_instance(
         self,
         model_key: str,
@@ -219,83 +281,92 @@ class _AsyncSessionLlm:
         config: LlmLoadModelConfig | dict[str, Any] | None = None,
         on_load_progress: Callable[[float], Any] | None = None,
     ) -> AsyncLLM:
+        """Load another instance of ``model_key`` (identifier ``key:2`` ... unless given)."""
         call = _ops.load(
             model_key, identifier=instance_identifier, ttl=ttl, config=config,
             new_instance=True, on_progress=on_load_progress,
         )
         return AsyncLLM(await self._client._call(call), self)
 
+    @public_api
     async def list_loaded(self) -> list[AsyncLLM]:
+        """Handles on the loaded instances."""
         return [AsyncLLM(info.identifier, self) for info in await self._client._call(_ops.list_loaded())]
 
+    @public_api
     async def list_downloaded(self) -> list[AsyncDownloadedLlm]:
+        """The models found in the model folders."""
         return [AsyncDownloadedLlm(info, self) for info in await self._client._call(_ops.list_downloaded())]
 
+    @public_api
     async def unload(self, model_identifier: str) -> None:
+        """Unload the instance ``model_identifier``."""
         await self._client._call(_ops.unload(model_identifier))
 
+    @public_api
     async def get_model_info(self, model_specifier: str) -> m.LlmInstanceInfo:
+        """The :class:`LlmInstanceInfo` of a loaded instance."""
         return (await self._client._call(_ops.get_info(model_specifier))).info
 
 
-async def _connect_off_loop(client: AsyncClient) -> None:
-    """Open a socket connection without blocking the running loop (asyncio or trio)."""
-    import sniffio
-
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        await trio.to_thread.run_sync(client._connection)
-    else:
-        import asyncio
-
-        await asyncio.get_running_loop().run_in_executor(None, client._connection)
-
-
 class AsyncClient:
-    """An async connection to the in-process kernel or to ``lmkernel serve``; use ``async with``.
+    """A connection to the in-process kernel, or to ``lmkernel serve`` at ``api_host``.
 
-    Closing it cancels its running predictions; loaded models stay in the process's kernel
-    until their ``ttl`` expires or they are unloaded.
+    ``api_host`` is ``"host:port"`` (default: ``LMKERNEL_API_HOST``, else in-process);
+    ``api_token`` the server's API key (default: ``LMKERNEL_API_TOKEN``). Nothing connects
+    before the context manager is entered or the first call: a wrong host or token fails
+    there, as in LM Studio's SDK. Use it as a context manager, or close it; closing cancels
+    its running predictions. Loaded models belong to the kernel and outlive the client until
+    their ``ttl`` expires or they are unloaded. Any number of tasks and threads may share a
+    client.
     """
 
     def __init__(self, api_host: str | None = None, api_token: str | None = None) -> None:
         self._host = resolve_host(api_host)
         self.api_host = self._host or "in-process"
-        self._token = api_token
-        self._conn: Connection | None = None
+        self._link = ClientLink(self._host, api_token)
+        weakref.finalize(self, self._link.close)  # a dropped client lets go of its socket
         self._llm = _AsyncSessionLlm(self)
 
-    def _connection(self) -> Connection:
-        if self._conn is None:
-            self._conn = Connection(self._host, self._token)
-            weakref.finalize(self, self._conn.close)  # a dropped client lets go of its socket
-        else:
-            self._conn.check_open()
-        return self._conn
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(api_host={self.api_host!r})"
 
-    async def _call(self, call: _ops.Call):
-        return await _ops.run_async(self._connection(), call)
+    async def _connection(self) -> Connection:
+        connection = self._link.ready()
+        if connection is None:
+            connection = await run_blocking(self._link.connect)
+        return connection
+
+    async def _call(self, call: _ops.Call[T]) -> T:
+        connection = await self._connection()
+        _, inbox = connection.open(call.make, waker())
+        while isinstance(event := await inbox.aget(), m.LoadProgress):
+            call.progress(event.progress)
+        return call.parse(event)
 
     @property
     def llm(self) -> _AsyncSessionLlm:
         return self._llm
 
+    @public_api
     async def list_loaded_models(self, namespace: str | None = None) -> list[AsyncLLM]:
+        """Handles on the loaded models (``namespace``: ``"llm"``, ``"embedding"`` or ``None``)."""
         _ops.check_namespace(namespace)
         return [] if namespace == "embedding" else await self._llm.list_loaded()
 
+    @public_api
     async def list_downloaded_models(self, namespace: str | None = None) -> list[AsyncDownloadedLlm]:
+        """The models in the model folders (``namespace``: ``"llm"``, ``"embedding"`` or ``None``)."""
         _ops.check_namespace(namespace)
         return [] if namespace == "embedding" else await self._llm.list_downloaded()
 
     async def aclose(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        """Close the connection; its running predictions are cancelled."""
+        self._link.close()
 
+    @public_api
     async def __aenter__(self) -> AsyncClient:
-        if self._host is not None and self._conn is None:
-            await _connect_off_loop(self)
+        await self._connection()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
