@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import subprocess
 import sys
@@ -98,7 +99,7 @@ ATEXIT = """
 
     atexit.register(access_default_client, lms.get_default_client())
     print("Prior to shutdown:", [m.identifier for m in lms.list_loaded_models()])
-    lms.llm(key)
+    print("Loaded:", repr(lms.llm(key).identifier))
 """
 
 
@@ -110,5 +111,32 @@ def test_the_default_client_works_in_an_atexit_hook():
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("Prior to shutdown: [")
-    assert lines[1].startswith("During shutdown: [") and repr(TINY) in lines[1]
-    assert lines[2] == "completion: True"
+    loaded = lines[1].removeprefix("Loaded: ")
+    assert lines[2].startswith("During shutdown: [") and loaded in lines[2]
+    assert lines[3] == "completion: True"
+
+
+@pytest.mark.parametrize("use, feature", [
+    (lambda client, model: model.respond("hi"), "Chat"),
+    (lambda client, model: model.respond_stream("hi"), "Chat"),
+    (lambda client, model: model.apply_prompt_template("hi"), "Chat"),
+    (lambda client, model: model.act("hi", []), "Tool use"),
+    (lambda client, model: client.embedding, "Embedding"),
+    (lambda client, model: client.files, "File handling"),
+    (lambda client, model: client.repository, "Model download"),
+    (lambda client, model: client.prepare_image("x.png"), "Image input"),
+])
+def test_methods_of_missing_features_raise_naming_the_feature(tiny_model, use, feature):
+    with lms.Client() as client:
+        with pytest.raises(lms.LMKernelNotImplementedError, match=f"^{feature}.* is not implemented in lmkernel"):
+            use(client, client.llm.model(TINY))
+
+    async def use_async():
+        async with lms.AsyncClient() as client:
+            model = await client.llm.model(TINY)
+            with pytest.raises(lms.LMKernelNotImplementedError, match=f"^{feature}"):
+                result = use(client, model)
+                if inspect.isawaitable(result):
+                    await result
+
+    asyncio.run(use_async())

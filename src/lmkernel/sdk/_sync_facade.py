@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from .._compat._missing import not_implemented
 from ..kernel import messages as m
 from ..kernel.config import LlmLoadModelConfig, LlmPredictionConfig
 from . import _ops
@@ -200,6 +201,28 @@ class LLM:
         """Unload this instance."""
         self._session.unload(self.identifier)
 
+    # LM Studio's chat and tool API: named here so that programs fail where they use it.
+
+    @public_api
+    def respond(self, history: Any, **kwargs: Any) -> PredictionResult:
+        """Chat: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
+        raise not_implemented("chat", "model.respond()")
+
+    @public_api
+    def respond_stream(self, history: Any, **kwargs: Any) -> PredictionStream:
+        """Chat: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
+        raise not_implemented("chat", "model.respond_stream()")
+
+    @public_api
+    def apply_prompt_template(self, history: Any, **kwargs: Any) -> str:
+        """Chat templates: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
+        raise not_implemented("chat", "model.apply_prompt_template()")
+
+    @public_api
+    def act(self, chat: Any, tools: Any, **kwargs: Any) -> Any:
+        """Tool use: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
+        raise not_implemented("tools", "model.act()")
+
 
 class DownloadedLlm:
     """A model found in the model folders (``list_downloaded_models()``)."""
@@ -353,6 +376,25 @@ class Client:
         """The models in the model folders (``namespace``: ``"llm"``, ``"embedding"`` or ``None``)."""
         _ops.check_namespace(namespace)
         return [] if namespace == "embedding" else self._llm.list_downloaded()
+
+    # LM Studio's namespaces for features lmkernel lacks: using them raises, naming the feature.
+
+    @property
+    def embedding(self) -> Any:
+        raise not_implemented("embeddings", "client.embedding")
+
+    @property
+    def files(self) -> Any:
+        raise not_implemented("files", "client.files")
+
+    @property
+    def repository(self) -> Any:
+        raise not_implemented("repository", "client.repository")
+
+    @public_api
+    def prepare_image(self, src: Any, name: str | None = None) -> Any:
+        """Image input: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
+        raise not_implemented("images", "client.prepare_image()")
 
     def close(self) -> None:
         """Close the connection; its running predictions are cancelled."""

@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from .._compat._missing import not_implemented
 from ..kernel import messages as m
 from ..kernel.config import LlmLoadModelConfig, LlmPredictionConfig
 from . import _ops
@@ -206,6 +207,28 @@ class AsyncLLM:
         """Unload this instance."""
         await self._session.unload(self.identifier)
 
+    # LM Studio's chat and tool API: named here so that programs fail where they use it.
+
+    @public_api
+    async def respond(self, history: Any, **kwargs: Any) -> PredictionResult:
+        """Chat: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
+        raise not_implemented("chat", "model.respond()")
+
+    @public_api
+    async def respond_stream(self, history: Any, **kwargs: Any) -> AsyncPredictionStream:
+        """Chat: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
+        raise not_implemented("chat", "model.respond_stream()")
+
+    @public_api
+    async def apply_prompt_template(self, history: Any, **kwargs: Any) -> str:
+        """Chat templates: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
+        raise not_implemented("chat", "model.apply_prompt_template()")
+
+    @public_api
+    async def act(self, chat: Any, tools: Any, **kwargs: Any) -> Any:
+        """Tool use: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
+        raise not_implemented("tools", "model.act()")
+
 
 class AsyncDownloadedLlm:
     """A model found in the model folders (``list_downloaded_models()``)."""
@@ -359,6 +382,25 @@ class AsyncClient:
         """The models in the model folders (``namespace``: ``"llm"``, ``"embedding"`` or ``None``)."""
         _ops.check_namespace(namespace)
         return [] if namespace == "embedding" else await self._llm.list_downloaded()
+
+    # LM Studio's namespaces for features lmkernel lacks: using them raises, naming the feature.
+
+    @property
+    def embedding(self) -> Any:
+        raise not_implemented("embeddings", "client.embedding")
+
+    @property
+    def files(self) -> Any:
+        raise not_implemented("files", "client.files")
+
+    @property
+    def repository(self) -> Any:
+        raise not_implemented("repository", "client.repository")
+
+    @public_api
+    async def prepare_image(self, src: Any, name: str | None = None) -> Any:
+        """Image input: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
+        raise not_implemented("images", "client.prepare_image()")
 
     async def aclose(self) -> None:
         """Close the connection; its running predictions are cancelled."""
