@@ -15,6 +15,7 @@ from lmkernel.backends.exllamav2 import backend as exl2
 from lmkernel.backends.exllamav2 import sampler_fields
 from lmkernel.plugins import Sampling
 from lmkernel.plugins.conformance import Conformance
+from lmkernel.plugins.contract import ModelRejected
 
 PROMPTS = ["The cat sat on the", "Once upon a time there was", "$ ls -l\n", "Why is the sun so",
            "1 2 3 4 5", "The king and the queen", "Hello", "A long time ago in a city by the river"]
@@ -64,8 +65,10 @@ def test_describe_accepts_fp16_exl2_and_gptq_folders(fp16_path, tmp_path):
     config = json.loads((odd / "config.json").read_text())
     config["architectures"] = ["SomethingElse"]
     (odd / "config.json").write_text(json.dumps(config))
-    assert exl2.describe(odd) is None
-    assert exl2.describe(tmp_path) is None
+    with pytest.raises(ModelRejected, match="SomethingElse"):
+        exl2.describe(odd)
+    with pytest.raises(ModelRejected):
+        exl2.describe(tmp_path)
 
 
 def test_sampler_fields_are_explicit_and_greedy_at_zero():

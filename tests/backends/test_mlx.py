@@ -118,15 +118,18 @@ def test_engine_weights_are_float32_on_cpu(tiny_path):
 
 def test_describe_rejects_other_formats(tmp_path, tiny_path):
     from lmkernel.backends.mlx import backend
+    from lmkernel.plugins.contract import ModelRejected
 
-    assert backend.describe(tmp_path) is None
+    with pytest.raises(ModelRejected):
+        backend.describe(tmp_path)
     exl2 = tmp_path / "exl2"
     exl2.mkdir()
     for f in tiny_path.iterdir():
         (exl2 / f.name).write_bytes(f.read_bytes())
     config = (exl2 / "config.json").read_text().replace('"model_type"', '"quantization_config": {"quant_method": "exl2"}, "model_type"')
     (exl2 / "config.json").write_text(config)
-    assert backend.describe(exl2) is None
+    with pytest.raises(ModelRejected, match="exl2"):
+        backend.describe(exl2)
     desc = backend.describe(tiny_path)
     assert desc.architecture == "llama" and desc.max_context_length == 4096 and desc.params_string == "915K"
 
