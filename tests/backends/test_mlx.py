@@ -1,4 +1,4 @@
-"""The MLX backend against mlx-lm itself, on a real (tiny) model."""
+"""The MLX backend against mlx-lm itself, on real (tiny) models."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+import lmkernel as lms
+
+from ..plugins._tokenizers import spm_tiny_llama
 
 PROMPTS = [
     "The cat sat on the",
@@ -16,11 +20,18 @@ PROMPTS = [
     # Longer than one prefill chunk (512 tokens), so chunked prefill is exercised.
     " ".join(["the dog ran home and the cat sat on the mat"] * 70),
 ]
+# Prompts for the text checks: most continuations start with a space; non-ASCII ones too.
+TEXT_PROMPTS = ["In the beginning", "The cat sat on the", "And God said, Let there be", "Café au lait, naïve résumé"]
+DEMO = Path(lms.__file__).resolve().parent / "models" / "kjv-demo"
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_path):
-    """Greedy tokens and text straight from ``mlx_lm.stream_generate``, in a fresh process."""
+def mlx_lm_greedy(path, prompts: list[str], max_tokens: int = 40) -> list[dict]:
+    """Greedy tokens and text straight from ``mlx_lm.stream_generate``, in a fresh process.
+
+    Each answer has the tokens (the end token left out), mlx-lm's own streamed text, the stop
+    reason, and the tokenizer's decode (special tokens skipped) of the prompt ids and of the
+    prompt ids plus the tokens: what the content must complete.
+    """
     code = textwrap.dedent(
         f"""
         import json, sys
@@ -28,26 +39,41 @@ def reference(tiny_path):
         _blas.preload()
         import mlx.core as mx
         from mlx_lm import load, stream_generate
-        model, tok = load({str(tiny_path)!r})
+        model, tok = load({str(path)!r})
         model.set_dtype(mx.float32)
         out = []
         for prompt in json.loads(sys.argv[1]):
-            rs = list(stream_generate(model, tok, prompt, max_tokens=40, prefill_step_size=512))
-            out.append({{"tokens": [r.token for r in rs if r.finish_reason != "stop"],
-                         "text": "".join(r.text for r in rs), "reason": rs[-1].finish_reason}})
+            ids = tok.encode(prompt)
+            rs = list(stream_generate(model, tok, ids, max_tokens={max_tokens}, prefill_step_size=512))
+            tokens = [r.token for r in rs if r.finish_reason != "stop"]
+            out.append({{"tokens": tokens, "mlx_lm_text": "".join(r.text for r in rs),
+                         "reason": rs[-1].finish_reason,
+                         "prompt_decoded": tok.decode(ids, skip_special_tokens=True),
+                         "decoded": tok.decode(ids + tokens, skip_special_tokens=True)}})
         print(json.dumps(out))
         """
     )
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(PROMPTS)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(prompts)], capture_output=True, text=True,
                           check=True, timeout=300)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_path):
+    return mlx_lm_greedy(tiny_path, PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory):
+    """A tiny Llama with a Llama-2-style SentencePiece tokenizer (mlx-lm streams it with its SPM detokenizer)."""
+    return spm_tiny_llama(tmp_path_factory.mktemp("spm") / "tiny-spm")
 
 
 @pytest.mark.parametrize("index", range(len(PROMPTS)))
 def test_greedy_tokens_equal_mlx_lm_stream_generate(tiny_model, reference, index):
     ref = reference[index]
     result = tiny_model.complete(PROMPTS[index], config={"maxTokens": 40, "temperature": 0})
-    assert result.content == ref["text"]
+    assert PROMPTS[index] + result.content == ref["decoded"]
     assert result.stats.predicted_tokens_count == len(ref["tokens"])
     expected = "maxPredictedTokensReached" if ref["reason"] == "length" else "eosFound"
     assert result.stats.stop_reason == expected
@@ -187,3 +213,33 @@ def test_a_newcomer_prefills_one_chunk_per_step_while_others_decode(tiny_path):
             assert processed - done <= 64, (processed, done)
             done = max(done, processed)
     assert done == n and len(steps) >= n // 64
+
+
+# ---- the text of a completion -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo", "spm"])
+def test_content_is_the_tokenizers_decode_after_the_prompt(fresh_kernel, model, tiny_path, spm_path):
+    """Through the public API, complete and complete_stream: decode(prompt) + content is the
+    tokenizer's decode of the prompt ids plus mlx-lm's greedy tokens, leading space included
+    (byte-level BPE for the tiny and demo models, a SentencePiece metaspace for the third)."""
+    path = {"tiny": tiny_path, "demo": DEMO, "spm": spm_path}[model]
+    refs = mlx_lm_greedy(path, TEXT_PROMPTS, 24)
+    llm = lms.llm(str(path))
+    for prompt, ref in zip(TEXT_PROMPTS, refs, strict=True):
+        config = {"maxTokens": 24, "temperature": 0}
+        content = llm.complete(prompt, config=config).content
+        assert ref["prompt_decoded"] + content == ref["decoded"], prompt
+        if model != "spm":  # byte-level BPE decodes the prompt as it was written
+            assert prompt + content == ref["decoded"], prompt
+        stream = llm.complete_stream(prompt, config=config)
+        fragments = [fragment.content for fragment in stream]
+        assert "".join(fragments) == stream.result().content == content, prompt
+    continuations = [r["decoded"][len(r["prompt_decoded"]):] for r in refs]
+    assert any(c.startswith(" ") for c in continuations), continuations  # the leading-space case was met
+
+
+def test_in_the_beginning_keeps_its_leading_space_on_the_demo_model(fresh_kernel):
+    """The example of the issue: the tokenizer decodes " of the people" after the prompt."""
+    result = lms.llm(str(DEMO)).complete("In the beginning", config={"maxTokens": 12, "temperature": 0})
+    assert result.content.startswith(" of the people"), result.content

@@ -32,6 +32,7 @@ from ...plugins.contract import (
     StepEvent,
     Token,
 )
+from ...plugins.detokenize import IncrementalDetokenizer
 
 DEFAULT_PREFILL_STEP = 512
 DEFAULT_MAX_BATCH = 16
@@ -90,7 +91,7 @@ class _Sequence:
     seq_id: int
     uid: int
     prompt_tokens: int
-    detokenizer: object
+    detokenizer: IncrementalDetokenizer
     announced: bool = False
 
 
@@ -115,6 +116,10 @@ class MLXEngine(Engine):
         self._by_uid: dict[int, _Sequence] = {}
         self._by_seq: dict[int, _Sequence] = {}
 
+    def decode(self, tokens: list[int]) -> str:
+        """The tokenizer's own decode of ``tokens``, special tokens skipped."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
     def tokenize(self, text: str) -> list[int]:
         bos = self.tokenizer.bos_token
         add_special = bos is None or not text.startswith(bos)
@@ -134,7 +139,9 @@ class MLXEngine(Engine):
         (uid,) = self._batch.insert(
             [list(prompt_tokens)], max_tokens=[max_tokens], samplers=[sampler], logits_processors=[processors]
         )
-        seq = _Sequence(seq_id, uid, len(prompt_tokens), self.tokenizer.detokenizer)
+        # Not mlx-lm's streaming detokenizers: they drop the leading space of the first token
+        # (" of" after "In the beginning" came out as "of"), having no prompt for context.
+        seq = _Sequence(seq_id, uid, len(prompt_tokens), IncrementalDetokenizer(self.decode, prompt_tokens))
         self._by_uid[uid] = seq
         self._by_seq[seq_id] = seq
 
@@ -166,15 +173,12 @@ class MLXEngine(Engine):
                 continue
             detokenizer = seq.detokenizer
             if response.finish_reason == "stop":  # an end-of-sequence token: never shown
-                detokenizer.finalize()
-                events.append(SequenceEnd(seq.seq_id, "eos", detokenizer.last_segment))
+                events.append(SequenceEnd(seq.seq_id, "eos", detokenizer.flush()))
                 self._forget(seq)
                 continue
-            detokenizer.add_token(response.token)
-            events.append(Token(seq.seq_id, response.token, detokenizer.last_segment))
+            events.append(Token(seq.seq_id, response.token, detokenizer.add(response.token)))
             if response.finish_reason is not None:  # "length": the budget is spent
-                detokenizer.finalize()
-                events.append(SequenceEnd(seq.seq_id, "length", detokenizer.last_segment))
+                events.append(SequenceEnd(seq.seq_id, "length", detokenizer.flush()))
                 self._forget(seq)
         return events
 
