@@ -13,7 +13,7 @@ import pytest
 import lmkernel as lms
 from lmkernel.backends.exllamav2 import backend as exl2
 from lmkernel.backends.exllamav2 import sampler_fields
-from lmkernel.plugins import Sampling
+from lmkernel.plugins import PromptProgress, Sampling, SequenceEnd, Token
 from lmkernel.plugins.conformance import Conformance
 from lmkernel.plugins.contract import ModelRejected
 
@@ -113,6 +113,89 @@ def test_a_model_both_backends_accept_goes_to_the_one_that_can_run(fresh_kernel,
         lms.Client().llm.load_new_instance(str(fp16_path), config={"backend": "nope"})
 
 
+class _FakeGenerator:
+    """Hands back scripted ``iterate()`` results, shaped as exllamav2 0.3's dynamic generator makes them."""
+
+    def __init__(self, script):
+        self.script = list(script)
+
+    def enqueue(self, job):
+        pass
+
+    def cancel(self, job):
+        pass
+
+    def iterate(self):
+        return self.script.pop(0) if self.script else []
+
+
+def _engine_with(tokenizer, script):
+    """The real ExLlamaV2Engine around a scripted generator and a real tokenizer (numpy as torch)."""
+    import numpy as np
+
+    from lmkernel.backends.exllamav2._engine import ExLlamaV2Engine
+
+    class Tok:  # ExLlamaV2Tokenizer's decode: a 1-D id tensor in, text out, special tokens dropped
+        bos_token_id = 1
+
+        def decode(self, ids, decode_special_tokens=False):
+            return tokenizer.decode(ids.tolist(), skip_special_tokens=not decode_special_tokens)
+
+    lib = {"torch": types.SimpleNamespace(tensor=np.array, long=np.int64),
+           "Sampler": types.SimpleNamespace(Settings=types.SimpleNamespace),
+           "Job": lambda **kwargs: types.SimpleNamespace(**kwargs)}
+    generator = _FakeGenerator(script)
+    return ExLlamaV2Engine(lib, None, None, Tok(), lambda: generator, 2048, [2])
+
+
+@pytest.mark.parametrize("eos_while_held", [False, True])
+def test_token_text_comes_from_the_ids_not_the_jobs_pieces(eos_while_held):
+    """The engine's text is the tokenizer's decode after the prompt (leading space kept, a
+    character split over byte tokens whole), whatever text the job attached; tokens the job
+    held for an incomplete character are reported when it ends on an end token.
+    (Result translation only: the cuda tests run the real generator.)"""
+    import numpy as np
+    from transformers import PreTrainedTokenizerFast
+
+    from ..plugins._tokenizers import llama_spm_tokenizer
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=llama_spm_tokenizer(1000), bos_token="<s>", eos_token="</s>")
+    prompt = tok.encode("In the beginning")
+    generated = tok.encode("In the beginning of 東京")[len(prompt):]
+    first, nbytes = generated[:2], generated[2:]  # "▁of", "▁"; then six byte tokens
+    assert len(nbytes) == 6
+
+    def ids(*t):
+        return np.array([list(t)])
+
+    def streaming(**fields):
+        return {"stage": "streaming", "identifier": 7, "eos": False, **fields}
+
+    script = [[{"stage": "prefill", "identifier": 7, "curr_progress": len(prompt)}]]
+    script += [[streaming(text="of", token_ids=ids(t))] for t in first]  # the job's own piece lost the space
+    script += [[streaming()] for _ in nbytes[:-1]]  # held: an incomplete character
+    if eos_while_held:
+        script += [[streaming(eos=True, eos_reason="stop_token", held={"text": "\ufffd", "token_ids": ids(*nbytes[:-1], 2)})]]
+    else:
+        script += [[streaming(text="東京", token_ids=ids(*nbytes))],
+                   [streaming(eos=True, eos_reason="stop_token", held={"text": "", "token_ids": ids(2)})]]
+    engine = _engine_with(tok, script)
+    engine.add(7, prompt, Sampling(temperature=0), 50)
+    events = []
+    while engine.busy:
+        events += engine.step()
+    got = [e.token_id for e in events if isinstance(e, Token)]
+    text = "".join(e.text for e in events if isinstance(e, Token | SequenceEnd))
+    expected = generated[:-1] if eos_while_held else generated
+    assert got == expected and 2 not in got
+    assert tok.decode(prompt + got, skip_special_tokens=True) == tok.decode(prompt, skip_special_tokens=True) + text
+    assert text == (" of " + "\ufffd" * 5 if eos_while_held else " of 東京")  # a broken byte run: all U+FFFD
+    progress = [e for e in events if isinstance(e, PromptProgress)]
+    assert progress[-1].processed == len(prompt) and events.index(progress[-1]) < events.index(
+        next(e for e in events if isinstance(e, Token)))
+    assert isinstance(events[-1], SequenceEnd) and events[-1].reason == "eos"
+
+
 # ---- on a GPU ------------------------------------------------------------------------------
 
 
@@ -175,7 +258,11 @@ def raw_generator_greedy(path, prompts: list[str], n: int) -> list[list[int]]:
     """Greedy tokens straight from ExLlamaV2's dynamic generator (what a user would write)."""
     import torch
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
-    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+    from exllamav2.generator import (
+        ExLlamaV2DynamicGenerator,
+        ExLlamaV2DynamicJob,
+        ExLlamaV2Sampler,
+    )
 
     config = ExLlamaV2Config(str(path))
     config.no_sdpa = True  # as the backend does without flash-attn (see _engine.load_engine)

@@ -4,6 +4,11 @@ Imported only on a model's worker thread. The generator is not thread-safe; this
 is the only one that touches it. Jobs carry the kernel's sequence id as their identifier.
 Stop strings, ``maxTokens`` and stats are the kernel's: jobs get only the EOS ids as stop
 conditions and the kernel's token budget as ``max_new_tokens``.
+
+The text of each token is ours, not the job's: the job builds it from per-token pieces and,
+while a character is incomplete, from a decode of the held tokens alone (which drops a
+SentencePiece leading space). The same incremental detokenizer as the MLX engine's decodes
+the token ids with the tokenizer's own decode, the prompt's last tokens as context.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ...plugins.contract import (
     StepEvent,
     Token,
 )
+from ...plugins.detokenize import IncrementalDetokenizer
 from . import sampler_fields
 
 PAGE = 256  # the generator's cache length and (paged) chunk size are multiples of this
@@ -51,9 +57,14 @@ def _round_up(n: int, step: int) -> int:
 class _Job:
     job: Any
     prompt_tokens: int
+    detokenizer: IncrementalDetokenizer
     announced: bool = False
     first_token: bool = True
-    pending: str = ""
+
+
+def _ids(tensor) -> list[int]:
+    """Token ids of a result's ``(1, n)`` id tensor (absent: none)."""
+    return [int(t) for t in tensor[0].tolist()] if tensor is not None else []
 
 
 class ExLlamaV2Engine(Engine):
@@ -75,6 +86,11 @@ class ExLlamaV2Engine(Engine):
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_bos=self._add_bos, encode_special_tokens=True)[0].tolist()
 
+    def decode(self, tokens: list[int]) -> str:
+        """The tokenizer's own decode of ``tokens``, special tokens skipped."""
+        torch = self._lib["torch"]
+        return self.tokenizer.decode(torch.tensor(tokens, dtype=torch.long), decode_special_tokens=False)
+
     def add(self, seq_id: int, prompt_tokens: Sequence[int], sampling: Sampling, max_tokens: int) -> None:
         settings = self._lib["Sampler"].Settings()
         for name, value in sampler_fields(sampling).items():
@@ -92,7 +108,7 @@ class ExLlamaV2Engine(Engine):
             identifier=seq_id,
         )
         self.generator.enqueue(job)
-        self._jobs[seq_id] = _Job(job, len(prompt_tokens))
+        self._jobs[seq_id] = _Job(job, len(prompt_tokens), IncrementalDetokenizer(self.decode, prompt_tokens))
 
     def remove(self, seq_id: int) -> None:
         entry = self._jobs.pop(seq_id, None)
@@ -126,23 +142,21 @@ class ExLlamaV2Engine(Engine):
         return events
 
     def _streamed(self, seq_id: int, entry: _Job, result: dict, events: list[StepEvent]) -> None:
-        ids = result.get("token_ids")
-        ids = ids[0].tolist() if ids is not None else []
-        text = entry.pending + (result.get("text") or "")
-        entry.pending = ""
-        if ids:
-            if entry.first_token:
-                entry.first_token = False
-                events.append(PromptProgress(seq_id, entry.prompt_tokens, entry.prompt_tokens))
-            last = len(ids) - 1
-            for i, token in enumerate(ids):  # the text comes with the last token of the chunk
-                events.append(Token(seq_id, int(token), text if i == last else ""))
-        else:
-            entry.pending = text  # text released without a new token joins the next one
-        if result.get("eos"):
-            held = entry.pending + ((result.get("held") or {}).get("text") or "")
+        ids = _ids(result.get("token_ids"))
+        end = bool(result.get("eos"))
+        if end and result.get("eos_reason") == "stop_token":
+            # The end token comes last in "held", after any tokens held for an incomplete
+            # character: those are reported, the end token never is.
+            held = _ids((result.get("held") or {}).get("token_ids"))
+            ids += held[:-1] if held and held[-1] in self.eos_ids else held
+        if entry.first_token and (ids or end):
+            entry.first_token = False
+            events.append(PromptProgress(seq_id, entry.prompt_tokens, entry.prompt_tokens))
+        for token in ids:
+            events.append(Token(seq_id, token, entry.detokenizer.add(token)))
+        if end:
             reason = "length" if result.get("eos_reason") == "max_new_tokens" else "eos"
-            events.append(SequenceEnd(seq_id, reason, held))
+            events.append(SequenceEnd(seq_id, reason, entry.detokenizer.flush()))
             del self._jobs[seq_id]
 
     def _reset(self) -> None:
