@@ -25,18 +25,20 @@ from lmkernel.plugins import (
     SequenceEnd,
     Token,
 )
+from lmkernel.plugins.detokenize import IncrementalDetokenizer
 
 CHUNK = 64  # prefill tokens per step
 
 
 class _Sequence:
-    def __init__(self, prompt: list[int], sampling: Sampling, budget: int, layers: int, seed: int) -> None:
+    def __init__(self, prompt: list[int], sampling: Sampling, budget: int, layers: int, seed: int,
+                 detokenizer: IncrementalDetokenizer) -> None:
         self.prompt, self.sampling, self.budget = prompt, sampling, budget
         self.keys: list[np.ndarray | None] = [None] * layers
         self.values: list[np.ndarray | None] = [None] * layers
         self.position = 0
         self.generated: list[int] = []
-        self.shown = ""  # text already reported
+        self.detokenizer = detokenizer  # each token's text, the prompt's end as context
         self.next_logits: np.ndarray | None = None
         self.rng = np.random.default_rng(seed)
 
@@ -64,8 +66,9 @@ class NumpyLlamaEngine(Engine):
         return self.tokenizer.encode(text).ids  # the tokenizer adds BOS, as the model expects
 
     def add(self, seq_id: int, prompt_tokens, sampling: Sampling, max_tokens: int) -> None:
+        detokenizer = IncrementalDetokenizer(self.tokenizer.decode, prompt_tokens)  # special tokens skipped
         self.seqs[seq_id] = _Sequence(list(prompt_tokens), sampling, max_tokens,
-                                      self.config["num_hidden_layers"], seed=seq_id)
+                                      self.config["num_hidden_layers"], seed=seq_id, detokenizer=detokenizer)
 
     def remove(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
@@ -89,13 +92,13 @@ class NumpyLlamaEngine(Engine):
                 continue
             token = self._sample(seq)
             if token == self.eos:
-                events.append(SequenceEnd(seq_id, "eos", self._new_text(seq, final=True)))
+                events.append(SequenceEnd(seq_id, "eos", seq.detokenizer.flush()))
                 del self.seqs[seq_id]
                 continue
             seq.generated.append(token)
-            events.append(Token(seq_id, token, self._new_text(seq)))
+            events.append(Token(seq_id, token, seq.detokenizer.add(token)))
             if len(seq.generated) >= seq.budget:
-                events.append(SequenceEnd(seq_id, "length", self._new_text(seq, final=True)))
+                events.append(SequenceEnd(seq_id, "length", seq.detokenizer.flush()))
                 del self.seqs[seq_id]
             else:
                 seq.next_logits = self._forward(seq, [token])
@@ -164,13 +167,6 @@ class NumpyLlamaEngine(Engine):
             keep &= probs >= s.min_p * probs.max()
         probs = np.where(keep, probs, 0.0)
         return int(seq.rng.choice(len(probs), p=probs / probs.sum()))
-
-    def _new_text(self, seq: _Sequence, final: bool = False) -> str:
-        text = self.tokenizer.decode(seq.generated)
-        if not final and text.endswith("\ufffd"):  # an incomplete character: wait for more
-            return ""
-        new, seq.shown = text[len(seq.shown):], text
-        return new
 
 
 class NumpyLlamaBackend(Backend):
