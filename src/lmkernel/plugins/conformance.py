@@ -9,7 +9,8 @@ Every backend in this repository runs it, and a third-party backend should too::
 
 or, in pytest, parametrize over ``Conformance.checks()``. Engine-level checks call the
 engine from one dedicated thread, as the kernel does; kernel-level checks run a private
-kernel that knows only this backend and talk to it with the real protocol.
+kernel that knows only this backend (:func:`lmkernel.kernel.start_kernel`) and talk to it
+with the real protocol (:mod:`lmkernel.kernel.messages`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from .contract import Backend, Engine, LoadOptions, PromptProgress, Sampling, SequenceEnd, Token
-from .discovery import BackendStatus, Discovery
 
 GREEDY = Sampling(temperature=0.0)
 LONG_PROMPT = " ".join(["the cat sat on the mat and the dog ran home"] * 30)
@@ -190,24 +190,13 @@ class Conformance:
 
     # ---- kernel level -------------------------------------------------------------------
 
-    def _kernel(self):
-        from ..kernel._catalog import Catalog
-        from ..kernel._kernel import Kernel
-        from ..kernel.runtime import KernelThread
-
-        backend = self.backend
-        status = BackendStatus(backend.name, "conformance kit", backend, backend.availability())
-        return KernelThread(lambda: Kernel(Discovery([status]), Catalog([backend], roots=[]))).start()
-
     def check_kernel_requests_end_once(self) -> None:
         from ..kernel import messages as m
-        from ..sdk._connection import Connection
+        from ..kernel import start_kernel
 
-        kernel = self._kernel()
-        try:
-            conn = Connection(kernel=kernel)
-            _, inbox = conn.open(lambda i: m.Load(id=i, model=str(self.path)))
-            while not m.is_terminal(loaded := inbox.get(120)):
+        with start_kernel([self.backend]) as kernel:
+            load = kernel.request(lambda i: m.Load(id=i, model=str(self.path)))
+            while not m.is_terminal(loaded := kernel.next_event(load, 120)):
                 pass
             assert isinstance(loaded, m.Loaded), loaded
             model = loaded.info.identifier
@@ -217,23 +206,21 @@ class Conformance:
                 "cancel": {"maxTokens": 500, "temperature": 0},
                 "bad": {"maxTokenz": 5},
             }
-            inboxes = {}
+            ids = {}
             for name, config in requests.items():
                 prompt = "The cat sat on the"
-                inboxes[name] = conn.open(lambda i, c=config, p=prompt: m.Predict(id=i, model=model, prompt=p, config=c))
+                ids[name] = kernel.request(lambda i, c=config, p=prompt: m.Predict(id=i, model=model, prompt=p, config=c))
             too_long = "x " * (loaded.info.context_length + 16)
-            inboxes["long"] = conn.open(lambda i: m.Predict(id=i, model=model, prompt=too_long, config={}))
-            conn.send(lambda i: m.Cancel(id=i, target=inboxes["cancel"][0]))
+            refuse = {"contextOverflowPolicy": "stopAtLimit"}  # the other policies cut the prompt to fit
+            ids["long"] = kernel.request(lambda i: m.Predict(id=i, model=model, prompt=too_long, config=refuse))
+            kernel.send(lambda i: m.Cancel(id=i, target=ids["cancel"]))
             ends = {}
-            for name, (_, box) in inboxes.items():
+            for name, request_id in ids.items():
                 events = []
                 while not events or not m.is_terminal(events[-1]):
-                    events.append(box.get(120))
+                    events.append(kernel.next_event(request_id, 120))
                 ends[name] = events[-1]
-                assert box.get_nowait() is None, f"{name}: events after the terminal one"
-            conn.close()
-        finally:
-            kernel.stop()
+                assert kernel.pending_event(request_id) is None, f"{name}: events after the terminal one"
         assert isinstance(ends["ok"], m.Finished) and ends["ok"].stats.predicted_tokens_count <= 5, ends["ok"]
         assert isinstance(ends["stop"], m.Finished), ends["stop"]
         assert ends["stop"].stats.stop_reason in ("stopStringFound", "eosFound", "maxPredictedTokensReached")

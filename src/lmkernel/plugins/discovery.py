@@ -16,7 +16,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from .contract import Availability, Backend
 
-__all__ = ["ENTRY_POINT_GROUP", "BackendStatus", "Discovery", "discover"]
+__all__ = ["ENTRY_POINT_GROUP", "BackendStatus", "Discovery", "check_availability", "discover"]
 
 ENTRY_POINT_GROUP = "lmkernel.backends"
 ENV_FILTER = "LMKERNEL_BACKENDS"
