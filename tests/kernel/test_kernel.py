@@ -209,7 +209,8 @@ def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(scripted):
         assert isinstance(end, m.Failed) and end.error.kind == "prompt_too_long"
         assert end.error.message == (
             "The prompt is 256002 characters but model 'one' has a context length of 1000 tokens: it cannot "
-            "fit (no tokenizer packs more than 256 characters into a token; refused before tokenizing)")
+            "fit (no tokenizer packs more than 256 characters into a token; refused before tokenizing, whatever the "
+            "contextOverflowPolicy)")
         assert backend.samplings == []  # never reached the engine
 
     run(kernel, scenario)

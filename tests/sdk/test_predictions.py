@@ -54,12 +54,13 @@ def test_context_length_reached_and_prompt_too_long():
     assert model.get_context_length() == 64
     prompt = "The cat sat on the mat"
     n_prompt = model.count_tokens(prompt)
-    result = model.complete(prompt, config={"temperature": 0, "repeatPenalty": False})
+    stop = {"contextOverflowPolicy": "stopAtLimit"}  # the default, truncateMiddle, cuts and goes on
+    result = model.complete(prompt, config={"temperature": 0, "repeatPenalty": False, **stop})
     assert result.stats.stop_reason == "contextLengthReached"  # greedy, deterministic: fills the window
     assert result.stats.total_tokens_count == 64
     assert result.stats.predicted_tokens_count == 64 - n_prompt
     with pytest.raises(lms.LMKernelPromptTooLongError, match=r"The prompt is \d+ tokens but model 'aa/tiny-ctx64' has a context length of 64"):
-        model.complete("the cat " * 100)
+        model.complete("the cat " * 100, config=stop)
     # The model still works afterwards.
     assert model.complete(prompt, config={"maxTokens": 3}).stats.predicted_tokens_count <= 3
 
@@ -71,7 +72,8 @@ def test_load_config_context_length_limits_the_instance():
             assert model.identifier == "tiny-ctx32"
             assert model.get_context_length() == 32
             assert model.get_load_config().context_length == 32
-            result = model.complete("The cat", config={"temperature": 0, "maxTokens": 100})
+            result = model.complete("The cat", config={"temperature": 0, "maxTokens": 100,
+                                                       "contextOverflowPolicy": "stopAtLimit"})
             assert result.stats.stop_reason == "contextLengthReached"
             assert result.stats.total_tokens_count == 32
         finally:
@@ -102,8 +104,6 @@ def test_bad_config_raises_before_any_compute(tiny_model, config, message):
 def test_documented_keys_the_backend_cannot_honour_raise(tiny_model):
     with pytest.raises(lms.LMKernelUnsupportedConfigError, match="'draftModel' are not supported by backend 'mlx'"):
         tiny_model.complete("x", config={"draftModel": "other"})
-    with pytest.raises(lms.LMKernelUnsupportedConfigError, match="contextOverflowPolicy 'rollingWindow' is not supported"):
-        tiny_model.complete("x", config={"contextOverflowPolicy": "rollingWindow"})
     with pytest.raises(lms.LMKernelUnsupportedConfigError, match="'flashAttention' are not supported by backend 'mlx'"):
         lms.Client().llm.load_new_instance(TINY, config={"flashAttention": True})
     with pytest.raises(lms.LMKernelUnsupportedConfigError, match="response_format"):

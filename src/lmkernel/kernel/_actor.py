@@ -27,7 +27,18 @@ import trio
 from ..plugins.contract import Backend, LoadOptions, PromptProgress, SequenceEnd, Token
 from . import _worker as w
 from ._admission import WaitingRoom
-from ._failures import backend_error, internal_error, unloaded_error
+from ._context import (
+    policy_of,
+    text_cannot_fit,
+    text_too_long_message,
+    too_long_message,
+)
+from ._failures import (
+    backend_error,
+    internal_error,
+    prompt_too_long_error,
+    unloaded_error,
+)
 from ._limits import engine_timeout, load_timeout
 from ._mailbox import (
     _WAKE,
@@ -64,8 +75,6 @@ log = logging.getLogger("lmkernel.kernel")
 
 seq_ids = itertools.count(1)
 
-#: A prompt longer than this many characters per token of context cannot fit, whatever the tokenizer.
-MAX_CHARS_PER_TOKEN = 256
 
 @dataclass(eq=False)
 class _Waiter:
@@ -233,18 +242,15 @@ class ModelActor:
         match report:
             case w.Stepped(events):
                 self._on_steps(events)
-            case w.Admitted(seq_id, prompt_tokens, budget):
+            case w.Admitted(seq_id, prompt_tokens, budget, dropped):
                 if (running := self._runs.get(seq_id)) is not None:
-                    running.run.admitted(prompt_tokens, budget)
-            case w.Rejected(seq_id, prompt_tokens, context_length):
-                self._fail(seq_id, ErrorInfo(
-                    kind="prompt_too_long",
-                    message=(
-                        f"The prompt is {prompt_tokens} tokens but model {self.info.identifier!r} "
-                        f"has a context length of {context_length} (contextOverflowPolicy "
-                        "'stopAtLimit' needs room for at least one new token)"
-                    ),
-                    model=self.info.identifier,
+                    running.run.admitted(prompt_tokens, budget.reason)
+                    if dropped:
+                        log.debug("prediction %s on %s: prompt of %d tokens cut by %d to fit the context",
+                                  running.run.id, self.info.identifier, prompt_tokens, dropped)
+            case w.Rejected(seq_id, prompt_tokens, context_length, policy):
+                self._fail(seq_id, prompt_too_long_error(
+                    self.info.identifier, too_long_message(self.info.identifier, prompt_tokens, context_length, policy)
                 ))
             case w.EngineFailed(lost, error, doing, replacing):
                 if replacing and self.state == "ready":
@@ -295,18 +301,12 @@ class ModelActor:
             peer.predictions.pop(request_id, None)
             peer.send(Failed(id=request_id, error=self._gone_error()))
             return
-        if len(prompt) > self.info.context_length * MAX_CHARS_PER_TOKEN:
+        if text_cannot_fit(len(prompt), self.info.context_length):
             # Refused before tokenizing: a prompt that cannot fit would otherwise hold the
             # engine thread (and every other prediction on it) while it is tokenized.
             peer.predictions.pop(request_id, None)
-            peer.send(Failed(id=request_id, error=ErrorInfo(
-                kind="prompt_too_long",
-                message=(
-                    f"The prompt is {len(prompt)} characters but model {self.info.identifier!r} has a context "
-                    f"length of {self.info.context_length} tokens: it cannot fit (no tokenizer packs more than "
-                    f"{MAX_CHARS_PER_TOKEN} characters into a token; refused before tokenizing)"
-                ),
-                model=self.info.identifier,
+            peer.send(Failed(id=request_id, error=prompt_too_long_error(
+                self.info.identifier, text_too_long_message(self.info.identifier, len(prompt), self.info.context_length)
             )))
             return
         if len(self._waiting) >= self.max_queued and not self._has_room():
@@ -324,7 +324,7 @@ class ModelActor:
         sampling = sampling_from_config(config, declared=self.backend.prediction_keys)
         run = PredictionRun(request_id, config, sampling, peer.send, self.info.model_info(), self.load_config)
         self._runs[seq_id] = _Running(peer, run)
-        self._waiting.add(w.AddSequence(seq_id, prompt, sampling, run.max_tokens), peer)
+        self._waiting.add(w.AddSequence(seq_id, prompt, sampling, run.max_tokens, policy_of(config)), peer)
         self._admit()
         if seq_id in self._runs and seq_id not in self._running:
             peer.send(Queued(id=request_id, position=len(self._waiting)))
@@ -360,6 +360,10 @@ class ModelActor:
             run.progress(event.processed, event.total)
         elif isinstance(event, SequenceEnd):
             run.end(event.reason, event.text)
+            self._forget(event.seq_id)
+        elif isinstance(event, w.Continued) and run.continued(event.text, event.reason):
+            # the worker cut the full window and went on, but the text it flushed held a stop string
+            self._worker.send(w.RemoveSequence(event.seq_id))
             self._forget(event.seq_id)
 
     def _cancel(self, seq_id: int, reason: str = "userStopped") -> None:

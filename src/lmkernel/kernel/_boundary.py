@@ -8,7 +8,7 @@ the worker treats that exactly like an exception raised by the engine.
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Any
 
 from ..errors import LMKernelValueError
@@ -62,7 +62,7 @@ def check_tokens(tokens: object) -> list[int]:
     return out
 
 
-def check_events(events: object, active: set[int]) -> list[StepEvent]:
+def check_events(events: object, active: Container[int]) -> list[StepEvent]:
     """``step()``'s answer: a list of step events, each for a sequence the engine holds."""
     if not isinstance(events, list | tuple):
         raise PluginValueError(f"step() must return a list of step events, got {_short(events)}")

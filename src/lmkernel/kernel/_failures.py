@@ -3,7 +3,8 @@
 One place builds each kind of answer, so that the same failure reads the same wherever it
 is reported: a request the kernel refused (:func:`request_error`), a backend that raised or
 broke the contract (:func:`backend_error`), a failure inside lmkernel itself
-(:func:`internal_error`), a model that is gone (:func:`unloaded_error`).
+(:func:`internal_error`), a model that is gone (:func:`unloaded_error`), a prompt that does
+not fit (:func:`prompt_too_long_error`).
 """
 
 from __future__ import annotations
@@ -48,3 +49,8 @@ def unloaded_error(model: str, reason: str | None) -> ErrorInfo:
     """A request for ``model``, which was unloaded (``reason``: why, when it was a failure)."""
     why = f": {reason}" if reason else ""
     return ErrorInfo(kind="model_not_found", message=f"Model {model!r} was unloaded{why}", model=model)
+
+
+def prompt_too_long_error(model: str, message: str) -> ErrorInfo:
+    """A prompt that does not fit ``model``'s context (the message from :mod:`._context`)."""
+    return ErrorInfo(kind="prompt_too_long", message=message, model=model)

@@ -293,11 +293,6 @@ class Kernel:
                 f"backend {backend.name!r} (model {actor.info.identifier!r}); supported keys: "
                 f"{', '.join(sorted(KERNEL_PREDICTION_KEYS | backend.prediction_keys))}"
             )
-        policy = config.context_overflow_policy
-        if policy not in (None, "stopAtLimit"):
-            raise LMKernelUnsupportedConfigError(
-                f"contextOverflowPolicy {policy!r} is not supported; lmkernel implements 'stopAtLimit'"
-            )
 
     # ---- loading -----------------------------------------------------------------------
 

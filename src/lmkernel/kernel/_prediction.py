@@ -2,8 +2,13 @@
 
 :class:`PredictionRun` turns engine step events for one sequence into protocol events:
 prompt-progress fractions (0.0 first, strictly increasing, 1.0 at the first token), stop
-strings with hold-back, the token budget and its stop reason, and measured stats. It does
-no I/O: events go to the ``emit`` callable it is given.
+strings with hold-back, the stop reason of the token budget (:mod:`._context` computes it),
+and measured stats. It does no I/O: events go to the ``emit`` callable it is given.
+
+What the stats count when the context policy cut the text (:mod:`._context`):
+``prompt_tokens_count`` is the prompt as tokenized, before any cut; ``predicted_tokens_count``
+every token generated, across cuts; ``total_tokens_count`` their sum, which then exceeds the
+context length. The tokens the model re-read after a cut are not counted again.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 from .._struct import PublicStruct
 from ..plugins.contract import Sampling
+from ._context import DEFAULT_POLICY
 from ._stops import StopMatcher
 from .config import KERNEL_PREDICTION_KEYS, LlmPredictionConfig
 from .messages import (
@@ -76,7 +82,7 @@ def effective_config(config: LlmPredictionConfig, sampling: Sampling) -> dict[st
         minPSampling=sampling.min_p,
         repeatPenalty=sampling.repeat_penalty,
     )
-    reported.setdefault("contextOverflowPolicy", "stopAtLimit")
+    reported.setdefault("contextOverflowPolicy", DEFAULT_POLICY)
     return reported
 
 
@@ -118,11 +124,22 @@ class PredictionRun:
         value = self.config.max_tokens
         return None if value is None or value is False or value == -1 else int(value)
 
-    def admitted(self, prompt_tokens: int, budget: int) -> None:
-        """The worker queued the sequence with ``budget`` tokens to spend."""
+    def admitted(self, prompt_tokens: int, budget_reason: StopReason) -> None:
+        """The worker queued the sequence: ``prompt_tokens`` as tokenized (before any cut);
+        ``budget_reason`` is the stop reason when its token budget is spent."""
         self.prompt_tokens = prompt_tokens
-        limit = self.max_tokens
-        self.budget_reason = "maxPredictedTokensReached" if limit is not None and budget >= limit else "contextLengthReached"
+        self.budget_reason = budget_reason
+
+    def continued(self, text: str, budget_reason: StopReason) -> bool:
+        """The window filled up and the worker cut it and went on: ``text`` is what the engine
+        flushed, ``budget_reason`` the stop reason of the new budget. Return True when the
+        prediction ended (a stop string in ``text``)."""
+        self.budget_reason = budget_reason
+        self._send_text(self._stops.feed(text))
+        if self._stops.stopped:
+            self.finish("stopStringFound")
+            return True
+        return False
 
     def progress(self, processed: int, total: int) -> None:
         fraction = 1.0 if total <= 0 else min(1.0, processed / total)

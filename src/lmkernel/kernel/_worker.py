@@ -18,6 +18,10 @@ Failure containment lives here, at the plugin boundary:
   so its failure ends only the request that asked.
 * Each engine call is timed (:attr:`EngineWorker.call_started`); :class:`HangWatch`
   reports a call that runs past its limit so the actor can end what waits on it.
+
+The context window (:mod:`._context`) is applied here, where the tokens are: a prompt is cut
+or refused at admission, and a sequence whose window filled up under a cutting policy is
+removed and added again with the cut tokens (:class:`Continued` tells the actor).
 """
 
 from __future__ import annotations
@@ -30,8 +34,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..plugins.contract import Backend, Engine, LoadOptions, Sampling, SequenceEnd, StepEvent
-from ._boundary import PluginValueError, check_context_length, check_events, check_tokens
+from ..plugins.contract import (
+    Backend,
+    Engine,
+    LoadOptions,
+    Sampling,
+    SequenceEnd,
+    StepEvent,
+    Token,
+)
+from ._boundary import (
+    PluginValueError,
+    check_context_length,
+    check_events,
+    check_tokens,
+)
+from ._context import Budget, Window, fit
+from .config import ContextOverflowPolicy
+from .messages import StopReason
 
 log = logging.getLogger("lmkernel.kernel")
 
@@ -46,6 +66,7 @@ class AddSequence:
     prompt: str
     sampling: Sampling
     max_tokens: int | None
+    policy: ContextOverflowPolicy
 
 
 @dataclass(frozen=True)
@@ -87,21 +108,40 @@ class LoadFailed:
 
 @dataclass(frozen=True)
 class Admitted:
+    """The engine took the sequence: ``prompt_tokens`` as tokenized, ``dropped`` of them cut."""
+
     seq_id: int
     prompt_tokens: int
-    budget: int
+    budget: Budget
+    dropped: int = 0
 
 
 @dataclass(frozen=True)
 class Rejected:
+    """The prompt does not fit the context and the policy does not cut it."""
+
     seq_id: int
     prompt_tokens: int
     context_length: int
+    policy: ContextOverflowPolicy
+
+
+@dataclass(slots=True)
+class Continued:
+    """A step event of the worker's own: the window of ``seq_id`` filled up, and the worker
+    added it again with ``dropped`` tokens cut (``kept`` left). ``text`` is what the engine
+    flushed when the old sequence ended; ``reason`` the stop reason of the new budget."""
+
+    seq_id: int
+    text: str
+    reason: StopReason
+    kept: int
+    dropped: int
 
 
 @dataclass(frozen=True)
 class Stepped:
-    events: list[StepEvent]
+    events: list[StepEvent | Continued]
 
 
 @dataclass(frozen=True)
@@ -142,6 +182,21 @@ Report = (
 )
 
 
+@dataclass(eq=False, slots=True)
+class _Sequence:
+    """What the worker keeps of a sequence the engine holds.
+
+    ``history`` (the prompt and every token generated, for a cut) and ``left`` (what is
+    left of ``maxTokens``) are kept only under a policy that cuts.
+    """
+
+    sampling: Sampling
+    policy: ContextOverflowPolicy
+    budget: Budget
+    left: int | None
+    history: list[int] | None
+
+
 class _EngineError(Exception):
     """Internal: an engine call failed; carries the original error and what was being done."""
 
@@ -168,7 +223,8 @@ class EngineWorker:
         self._post_to_actor = post
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"lmkernel-engine-{name}", daemon=True)
-        self._active: set[int] = set()
+        self._active: dict[int, _Sequence] = {}
+        self._start: list[int] | None = None  # what the engine starts every text with (its BOS)
         self._failures = 0
         #: ``(time.monotonic() at start, what)`` of the engine call in progress, else ``None``.
         self.call_started: tuple[float, str] | None = None
@@ -246,6 +302,7 @@ class EngineWorker:
         try:
             engine = self._call(doing, self._backend.load, self._path, self._options, progress)
             check_context_length(engine)
+            self._start = None
             return engine
         except _EngineError as exc:
             self._post(LoadFailed(exc.error, exc.doing))
@@ -301,25 +358,24 @@ class EngineWorker:
 
     def _handle(self, engine: Engine, command: AddSequence | RemoveSequence | TokenizeTexts) -> None:
         match command:
-            case AddSequence(seq_id, prompt, sampling, max_tokens):
+            case AddSequence(seq_id, prompt, sampling, max_tokens, policy):
                 try:
                     tokens = check_tokens(self._call("while tokenizing", engine.tokenize, prompt))
+                    window = fit(tokens, engine.context_length, policy, max_tokens, lambda: self._start_tokens(engine))
                 except (_EngineError, PluginValueError) as exc:
                     # tokenize is pure: only this prediction fails, the engine is still good.
                     error = exc.error if isinstance(exc, _EngineError) else exc
                     self._post(EngineFailed([seq_id], error, "while tokenizing", replacing=False))
                     return
-                room = engine.context_length - len(tokens)
-                if room < 1:
-                    self._post(Rejected(seq_id, len(tokens), engine.context_length))
+                if window is None:
+                    self._post(Rejected(seq_id, len(tokens), engine.context_length, policy))
                     return
-                budget = room if max_tokens is None else min(room, max_tokens)
-                self._active.add(seq_id)
-                self._call("while adding a sequence", engine.add, seq_id, tokens, sampling, budget)
-                self._post(Admitted(seq_id, len(tokens), budget))
+                cuts = policy != "stopAtLimit"
+                self._add(engine, seq_id, window, _Sequence(
+                    sampling, policy, window.budget, max_tokens if cuts else None, list(tokens) if cuts else None))
+                self._post(Admitted(seq_id, len(tokens), window.budget, window.dropped))
             case RemoveSequence(seq_id):
-                if seq_id in self._active:
-                    self._active.discard(seq_id)
+                if self._active.pop(seq_id, None) is not None:
                     self._call("while removing a sequence", engine.remove, seq_id)
             case TokenizeTexts(request_id, texts):
                 try:
@@ -329,14 +385,63 @@ class EngineWorker:
                 else:
                     self._post(Tokenized(request_id, tokens))
 
+    def _add(self, engine: Engine, seq_id: int, window: Window, seq: _Sequence) -> None:
+        self._active[seq_id] = seq
+        self._call("while adding a sequence", engine.add, seq_id, window.tokens, seq.sampling, window.budget.tokens)
+
+    def _start_tokens(self, engine: Engine) -> list[int]:
+        """The tokens ``engine`` starts every text with (its BOS), asked once per engine."""
+        if self._start is None:
+            self._start = check_tokens(self._call("while tokenizing", engine.tokenize, ""))
+        return self._start
+
     def _step(self, engine: Engine) -> None:
         events = check_events(self._call("while predicting", engine.step), self._active)
         self._failures = 0
-        for event in events:
-            if isinstance(event, SequenceEnd):
-                self._active.discard(event.seq_id)
+        failed = self._follow(engine, events)
+        if failed:
+            events = [e for e in events if not (isinstance(e, SequenceEnd) and e.seq_id in failed)]
         if events:
             self._post(Stepped(events))
+        for seq_id, error in failed.items():
+            self._post(EngineFailed([seq_id], error, "while tokenizing", replacing=False))
+
+    def _follow(self, engine: Engine, events: list) -> dict[int, BaseException]:
+        """Track the step's tokens; a window that filled up under a cutting policy goes on cut
+        (its end becomes :class:`Continued`, in place). Return the sequences that failed a cut."""
+        failed: dict[int, BaseException] = {}
+        for i, event in enumerate(events):
+            if isinstance(event, Token):
+                seq = self._active.get(event.seq_id)
+                if seq is not None and seq.history is not None:
+                    seq.history.append(event.token_id)
+                    if seq.left is not None:
+                        seq.left -= 1
+            elif isinstance(event, SequenceEnd):
+                seq = self._active.pop(event.seq_id, None)
+                if (seq is None or seq.history is None or event.reason != "length"
+                        or seq.budget.reason != "contextLengthReached"):
+                    continue
+                try:
+                    events[i] = self._continue(engine, event, seq)
+                except PluginValueError as exc:  # its tokenizer broke the contract: this sequence fails
+                    failed[event.seq_id] = exc
+                except _EngineError as exc:
+                    if exc.doing != "while tokenizing":
+                        raise  # engine.add failed: the engine is replaced
+                    failed[event.seq_id] = exc.error
+        return failed
+
+    def _continue(self, engine: Engine, end: SequenceEnd, seq: _Sequence) -> SequenceEnd | Continued:
+        """The window of a sequence filled up under a cutting policy: add it again, cut."""
+        assert seq.history is not None
+        window = fit(seq.history, engine.context_length, seq.policy, seq.left, lambda: self._start_tokens(engine))
+        if window is None:  # a context of one token: nothing can be kept
+            return end
+        seq.budget = window.budget
+        self._add(engine, end.seq_id, window, seq)
+        log.debug("sequence %s: context full, %d tokens cut, %d kept", end.seq_id, window.dropped, len(window.tokens))
+        return Continued(end.seq_id, end.text, window.budget.reason, len(window.tokens), window.dropped)
 
 
 class HangWatch:

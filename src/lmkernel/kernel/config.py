@@ -52,8 +52,9 @@ class LlmPredictionConfig(PublicStruct):
     """Per-prediction settings (``config=`` of ``complete``); every field is optional.
 
     Fields: ``max_tokens`` (int >= 1, or -1/False for no limit), ``temperature`` (>= 0;
-    0 is greedy), ``stop_strings``, ``context_overflow_policy``, ``top_k_sampling`` (a whole
-    number up to 2**31-1; 0 or -1 is off), ``top_p_sampling``, ``min_p_sampling``,
+    0 is greedy), ``stop_strings``, ``context_overflow_policy`` (``"stopAtLimit"``,
+    ``"truncateMiddle"``, the default as in LM Studio, or ``"rollingWindow"``), ``top_k_sampling`` (a
+    whole number up to 2**31-1; 0 or -1 is off), ``top_p_sampling``, ``min_p_sampling``,
     ``repeat_penalty`` (False disables a sampler), and the rest of LM Studio's keys, which a
     backend may or may not honour. Numbers must be finite, integers must fit 64 bits.
     """
