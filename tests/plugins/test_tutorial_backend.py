@@ -14,10 +14,16 @@ from lmkernel_numpy_llama import backend as numpy_backend  # noqa: E402
 
 from lmkernel.plugins.conformance import Conformance  # noqa: E402
 
+from ._tokenizers import spm_tiny_llama  # noqa: E402
+
 
 @pytest.mark.parametrize("check", Conformance.checks())
 def test_tutorial_backend_conformance(check, tiny_path):
     getattr(Conformance(numpy_backend, tiny_path), check)()
+
+
+def test_tutorial_backend_text_on_a_sentencepiece_tokenizer(tmp_path):
+    Conformance(numpy_backend, spm_tiny_llama(tmp_path / "tiny-spm")).check_text_is_the_tokenizers_decode()
 
 
 def test_tutorial_backend_matches_mlx_greedy(tiny_path):

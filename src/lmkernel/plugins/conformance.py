@@ -11,6 +11,10 @@ or, in pytest, parametrize over ``Conformance.checks()``. Engine-level checks ca
 engine from one dedicated thread, as the kernel does; kernel-level checks run a private
 kernel that knows only this backend (:func:`lmkernel.kernel.start_kernel`) and talk to it
 with the real protocol (:mod:`lmkernel.kernel.messages`).
+
+The text check compares the engine's text with the model tokenizer's own decode: by default
+the Hugging Face tokenizer in the model folder (``transformers``, else ``tokenizers`` and
+``tokenizer.json``); a backend whose models have no such tokenizer passes ``decode=``.
 """
 
 from __future__ import annotations
@@ -21,10 +25,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .contract import Backend, Engine, LoadOptions, PromptProgress, Sampling, SequenceEnd, Token
+from .contract import (
+    Backend,
+    Engine,
+    LoadOptions,
+    PromptProgress,
+    Sampling,
+    SequenceEnd,
+    Token,
+)
 
 GREEDY = Sampling(temperature=0.0)
 LONG_PROMPT = " ".join(["the cat sat on the mat and the dog ran home"] * 30)
+# Prompts whose greedy continuations the text check compares with the tokenizer's decode: ones
+# that end on a whole word (so most models go on with a space, which a SentencePiece decoder
+# drops from a first token decoded alone), and ones that end on multi-byte characters.
+TEXT_PROMPTS = (
+    "The cat sat on the",
+    "Once upon a time there was a king and a queen",
+    "In the beginning",
+    "Café au lait, naïve résumé",
+    "Grüße aus Köln und 東京 😀",
+)
+
+Decode = Callable[[list[int]], str]
 
 
 class _EngineThread:
@@ -85,12 +109,64 @@ def _tokens(events: list) -> list[int]:
     return [e.token_id for e in events if isinstance(e, Token)]
 
 
-class Conformance:
-    """Checks for one backend and one (small) model folder it accepts."""
+def _text(events: list) -> str:
+    """The content the kernel would build: every token's text, then what the end flushed."""
+    return "".join(e.text for e in events if isinstance(e, Token | SequenceEnd))
 
-    def __init__(self, backend: Backend, model_path: str | Path) -> None:
+
+def _generate(engine: Engine, prompts: list[list[int]], budget: int) -> list[tuple[list[int], list[int], str]]:
+    """Run every prompt at once, greedily: (prompt ids, generated ids, text) for each."""
+    for i, prompt in enumerate(prompts):
+        engine.add(i, prompt, GREEDY, budget)
+    events = _run_all(engine)
+    return [(prompt, _tokens(events[i]), _text(events[i])) for i, prompt in enumerate(prompts)]
+
+
+def _before_a_space(decode: Decode, runs: list[tuple[list[int], list[int], str]]) -> list[int] | None:
+    """A prompt's ids plus the generated ids before the first one whose text starts with a space."""
+    for prompt, generated, _ in runs:
+        shown = decode(prompt)
+        for j in range(len(generated)):
+            text = decode(prompt + generated[: j + 1])
+            if text.startswith(shown) and text[len(shown) : len(shown) + 1] == " ":
+                return prompt + generated[:j]
+            shown = text
+    return None
+
+
+def tokenizer_decode(path: str | Path) -> Decode:
+    """The decode of the Hugging Face tokenizer in the model folder ``path``, special tokens skipped.
+
+    ``transformers``' ``AutoTokenizer`` if it is installed (it applies the folder's
+    ``tokenizer_config.json``), else ``tokenizers`` on ``tokenizer.json``.
+    """
+    path = Path(path)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        AutoTokenizer = None
+    if AutoTokenizer is not None:
+        hf = AutoTokenizer.from_pretrained(str(path))
+        return lambda ids: hf.decode(ids, skip_special_tokens=True)
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        return lambda ids: tok.decode(ids, skip_special_tokens=True)
+    raise AssertionError(f"no Hugging Face tokenizer in {path}: pass decode= to Conformance")
+
+
+class Conformance:
+    """Checks for one backend and one (small) model folder it accepts.
+
+    ``decode`` is the model tokenizer's own decode (token ids to text, special tokens
+    skipped) for the text check; by default :func:`tokenizer_decode` of the folder.
+    """
+
+    def __init__(self, backend: Backend, model_path: str | Path, decode: Decode | None = None) -> None:
         self.backend = backend
         self.path = Path(model_path)
+        self._decode = decode
 
     @classmethod
     def checks(cls) -> list[str]:
@@ -187,6 +263,39 @@ class Conformance:
             runner.close()
         for i, prompt in enumerate(prompts):
             assert alone[i] == together[i], f"{prompt!r}: alone {alone[i]} != concurrent {together[i]}"
+
+    def check_text_is_the_tokenizers_decode(self) -> None:
+        """decode(prompt + generated) == decode(prompt) + text, with the tokenizer's own decode.
+
+        The text is every :class:`Token`'s text and the :class:`SequenceEnd`'s, joined (what
+        the kernel makes the content). Checked on :data:`TEXT_PROMPTS` (non-ASCII ones
+        included), then on a prompt whose continuation starts with a space whatever the
+        model: the first prompt plus the generated tokens before one that begins with a space
+        (a SentencePiece decoder drops that space when it decodes the token alone).
+        """
+        decode = self._decode or tokenizer_decode(self.path)
+        runner = self._engine()
+        try:
+            prompts = runner.call(lambda engine: [engine.tokenize(p) for p in TEXT_PROMPTS])
+            runs = runner.call(lambda engine: _generate(engine, prompts, 16))
+            spaced = _before_a_space(decode, runs)
+            assert spaced is not None, (
+                f"the model generated no token that starts with a space after {TEXT_PROMPTS}: "
+                "the leading-space case cannot be checked with it"
+            )
+            runs += runner.call(lambda engine: _generate(engine, [spaced], 8))
+        finally:
+            runner.close()
+        labels = [*map(repr, TEXT_PROMPTS), "a prompt whose continuation starts with a space"]
+        for label, (prompt_ids, generated, text) in zip(labels, runs, strict=True):
+            whole, head = decode(prompt_ids + generated), decode(prompt_ids)
+            assert whole == head + text, (
+                f"{label}: the engine's text {text!r} is not what the tokenizer decodes after the prompt, "
+                f"{whole[len(head):]!r} (decode(prompt + generated) = {whole!r}, decode(prompt) = {head!r})"
+            )
+        assert runs[-1][2][:1].isspace(), (
+            f"the continuation after the generated tokens before a space must start with one: {runs[-1][2]!r}"
+        )
 
     # ---- kernel level -------------------------------------------------------------------
 
