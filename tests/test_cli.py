@@ -62,8 +62,8 @@ def test_backends():
 
 
 def _table(stdout: str) -> list[dict[str, str]]:
-    """The rows of ``lmkernel models`` as dicts (no cell holds two spaces in a row)."""
-    header, *lines = stdout.splitlines()
+    """The rows of ``lmkernel models`` as dicts (no cell holds two spaces in a row; a blank line ends them)."""
+    header, *lines = stdout.split("\n\n")[0].splitlines()
     names = header.split()
     return [dict(zip(names, _cells(line, len(names)))) for line in lines]
 
@@ -94,8 +94,10 @@ def test_models_agrees_with_list_downloaded_models():
         assert (row["ARCH"], row["FORMAT"], row["CONTEXT"], row["PATH"]) == (
             info.architecture, info.format, str(info.max_context_length), info.path)
     available = [s.name for s in discover().statuses if s.availability.available]
-    assert f"Backends that can run here: {', '.join(available)}" in done.stderr
-    assert "lmkernel/tiny-random-llama" in done.stderr  # loadable by key, though not a downloaded model
+    notes = done.stdout.split("\n\n", 1)[1]
+    assert f"Backends that can run here: {', '.join(available)}" in notes
+    assert "lmkernel/tiny-random-llama: also loadable by key" in notes  # though not a downloaded model
+    assert f"{DEMO}: the demo model lmkernel ships, trained on the King James Bible" in notes
 
 
 def test_models_shows_each_model_its_own_parameter_count():
@@ -105,7 +107,7 @@ def test_models_shows_each_model_its_own_parameter_count():
     params = {r["KEY"]: r["PARAMS"] for r in rows}
     assert params[DEMO] == "4.46M"  # the demo's 4.5M parameters, counted from its safetensors header
     assert _tiny_row(rows)["PARAMS"] not in ("?", params[DEMO])
-    assert "Backends that can run here: mlx." in done.stderr  # nothing unavailable: no "not here" part
+    assert "Backends that can run here: mlx.\n" in done.stdout  # nothing unavailable: no "not here" part
 
 
 @pytest.mark.xfail(reason="the kernel's catalog builds LlmInfo from the first registered backend's description, "

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from ._version import __version__
 
+BUILTIN_DEMO = "lmkernel/kjv-demo"  # the shipped demo model, listed as downloaded
 BUILTIN_TINY = "lmkernel/tiny-random-llama"  # not listed as downloaded: it is made on first use
 
 
@@ -176,18 +177,20 @@ def _models(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    sys.stdout.flush()
     found = discover()
     available = [s.name for s in found.statuses if s.availability.available]
     unavailable = [s.name for s in found.statuses if not s.availability.available]
-    notes = [
-        f"Also loadable by key: {BUILTIN_TINY} (random weights, made on first use; for tests).",
-        f"Backends that can run here: {', '.join(available) or 'none'}"
-        + (f"; not here: {', '.join(unavailable)} (lmkernel backends says why)." if unavailable else "."),
-    ]
+    print()
+    if BUILTIN_DEMO in [info.model_key for info in models]:
+        print(f"{BUILTIN_DEMO}: the demo model lmkernel ships, trained on the King James Bible "
+              "(it continues text in that style; a demo, not an assistant).")
+    print(f"{BUILTIN_TINY}: also loadable by key; random weights, made on first use (for tests).")
+    print(f"Backends that can run here: {', '.join(available) or 'none'}"
+          + (f"; not here: {', '.join(unavailable)} (lmkernel backends says why)." if unavailable else "."))
+    sys.stdout.flush()
     if all(info.model_key.startswith("lmkernel/") for info in models):
-        notes.append("Only lmkernel's own models: set LMKERNEL_MODELS to a folder of Hugging Face-format models.")
-    print("\n" + "\n".join(notes), file=sys.stderr)
+        print("Only lmkernel's own models: set LMKERNEL_MODELS to a folder of Hugging Face-format models.",
+              file=sys.stderr)
     return 0
 
 
