@@ -29,6 +29,7 @@ from .contract import (
     Backend,
     Engine,
     LoadOptions,
+    ModelRejected,
     PromptProgress,
     Sampling,
     SequenceEnd,
@@ -180,7 +181,10 @@ class Conformance:
     def check_available_and_describes(self) -> None:
         availability = self.backend.availability()
         assert availability.available, f"backend {self.backend.name!r} is not available: {availability.reason}"
-        desc = self.backend.describe(self.path)
+        try:
+            desc = self.backend.describe(self.path)
+        except ModelRejected as exc:
+            raise AssertionError(f"backend {self.backend.name!r} does not accept {self.path}: {exc}") from exc
         assert desc is not None, f"backend {self.backend.name!r} does not accept {self.path}"
         assert desc.max_context_length > 0 and desc.size_bytes > 0, desc
 
