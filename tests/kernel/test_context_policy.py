@@ -8,6 +8,7 @@ tiny seeded 64-token model and the 1,024-token demo model (LM Studio's terminal-
 from __future__ import annotations
 
 import queue
+import re
 from pathlib import Path
 
 import pytest
@@ -341,7 +342,7 @@ def test_stop_at_limit_refuses_an_oversized_prompt_naming_the_rule_and_the_numbe
     with pytest.raises(lms.LMKernelPromptTooLongError) as info:
         model.complete(prompt, config={"contextOverflowPolicy": "stopAtLimit"})
     assert str(info.value) == (
-        f"The prompt is {n} tokens but model 'aa/tiny-ctx64' has a context length of 64: contextOverflowPolicy "
+        f"The prompt is {n} tokens but model {model.identifier!r} has a context length of 64: contextOverflowPolicy "
         "'stopAtLimit' needs room for at least one new token (use 'truncateMiddle' or 'rollingWindow' to cut the "
         "prompt instead)")
     # The default cuts it instead, and says which policy it ran with.
@@ -407,6 +408,7 @@ def test_predictions_cut_side_by_side_match_each_alone():
     assert asyncio.run(together()) == alone
 
 
+@pytest.mark.slow
 @needs_demo
 def test_terminal_sim_runs_a_long_session_on_the_demo_model():
     """LM Studio's terminal-sim.py example, 30 commands, the default policy, the 1,024-token demo.
@@ -431,6 +433,6 @@ def test_terminal_sim_runs_a_long_session_on_the_demo_model():
         console_history.append(result.content)
     history_prompt = "\n".join(console_history)
     assert model.count_tokens(history_prompt) > 2 * 1024  # the session outgrew the context twice over
-    with pytest.raises(lms.LMKernelPromptTooLongError, match=r"The prompt is \d+ tokens but model "
-                       r"'lmkernel/kjv-demo' has a context length of 1024: contextOverflowPolicy 'stopAtLimit'"):
+    with pytest.raises(lms.LMKernelPromptTooLongError, match=rf"The prompt is \d+ tokens but model "
+                       rf"'{re.escape(model.identifier)}' has a context length of 1024: contextOverflowPolicy 'stopAtLimit'"):
         model.complete(history_prompt, config={"stopStrings": ["$"], "contextOverflowPolicy": "stopAtLimit"})
