@@ -24,9 +24,14 @@ os.environ.pop("LMKERNEL_BACKENDS", None)
 
 from lmkernel.testing import build_tiny_llama  # noqa: E402
 
-# "tiny": the default model of the test session (first in key order). "tiny-ctx64": a 64-token context.
+# Two models in the models folder, laid out as LM Studio lays them out (publisher/repo). TINY and
+# TINY_CTX64 are their paths (what a test loads them by); TINY_KEY and TINY_CTX64_KEY their keys,
+# the last part of the path lower-cased, which is also the identifier of their first instance.
+# "tiny": the default model of the test session (first in path order). "tiny-ctx64": a 64-token context.
 TINY = "aa/tiny"
 TINY_CTX64 = "aa/tiny-ctx64"
+TINY_KEY = "tiny"
+TINY_CTX64_KEY = "tiny-ctx64"
 build_tiny_llama(MODELS / TINY, hidden_size=128, num_layers=2, num_heads=4, seed=1)
 build_tiny_llama(MODELS / TINY_CTX64, hidden_size=64, num_layers=2, num_heads=2, seed=2,
                  max_position_embeddings=64)
