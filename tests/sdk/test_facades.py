@@ -13,7 +13,7 @@ import trio
 
 import lmkernel as lms
 
-from ..conftest import TINY
+from ..conftest import TINY, TINY_KEY
 
 GREEDY = {"maxTokens": 12, "temperature": 0}
 
@@ -134,7 +134,7 @@ def test_sync_transcript_is_right(sync_transcript):
     assert t["bad_config"] == "Unknown prediction config key 'max_tokenz'"
     assert t["count"] == len(t["tokens"]) and t["tokens"][0] == 1  # BOS
     assert t["context"] == 4096
-    assert TINY in t["loaded"]
+    assert TINY_KEY in t["loaded"]  # the instance is named by its key
 
 
 def test_asyncio_matches_sync(sync_transcript):

@@ -9,7 +9,7 @@ import pytest
 
 import lmkernel as lms
 
-from ..conftest import TINY, TINY_CTX64
+from ..conftest import TINY, TINY_CTX64, TINY_CTX64_KEY, TINY_KEY
 
 
 def test_max_tokens_is_exact_and_counted(tiny_model):
@@ -59,7 +59,7 @@ def test_context_length_reached_and_prompt_too_long():
     assert result.stats.stop_reason == "contextLengthReached"  # greedy, deterministic: fills the window
     assert result.stats.total_tokens_count == 64
     assert result.stats.predicted_tokens_count == 64 - n_prompt
-    with pytest.raises(lms.LMKernelPromptTooLongError, match=r"The prompt is \d+ tokens but model 'aa/tiny-ctx64' has a context length of 64"):
+    with pytest.raises(lms.LMKernelPromptTooLongError, match=rf"The prompt is \d+ tokens but model '{TINY_CTX64_KEY}' has a context length of 64"):
         model.complete("the cat " * 100, config=stop)
     # The model still works afterwards.
     assert model.complete(prompt, config={"maxTokens": 3}).stats.predicted_tokens_count <= 3
@@ -172,11 +172,13 @@ def test_result_types_behave_like_lm_studio(tiny_model):
     assert result.parsed is result.content and result.structured is False
     assert str(result) == result.content and repr(result) == f"PredictionResult(content={result.content!r})"
     assert isinstance(result.model_info, lms.LlmInfo) and not hasattr(result.model_info, "identifier")
-    assert result.model_info.model_key == TINY and result.model_info.architecture == "llama"
+    assert result.model_info.model_key == TINY_KEY and result.model_info.path == TINY
+    assert result.model_info.architecture == "llama"
     assert result.model_info.size_bytes > 0 and result.model_info.max_context_length == 4096
     assert str(result.stats).startswith("LlmPredictionStats.from_dict({")
     info = tiny_model.get_info()
-    assert info.identifier == TINY and info.context_length == 4096 and info.backend == "mlx"
+    assert (info.identifier, info.model_key, info.path) == (TINY_KEY, TINY_KEY, TINY)
+    assert info.context_length == 4096 and info.backend == "mlx"
 
 
 def test_dropped_stream_stops_its_prediction(tiny_model):
@@ -197,4 +199,4 @@ def test_sync_timeout(tiny_model):
             tiny_model.get_info()
     finally:
         lms.set_sync_api_timeout(old)
-    assert tiny_model.get_info().identifier == TINY
+    assert tiny_model.get_info().identifier == TINY_KEY
