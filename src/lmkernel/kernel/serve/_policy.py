@@ -147,7 +147,7 @@ class ModelPolicy:
         return self._count(reference, model or _DEFAULT, loaded, new_instance)
 
     async def _holds(self, reference: str) -> bool:
-        """Tell whether a loaded instance comes from ``reference`` (a folder or a built-in key)."""
+        """Tell whether a loaded instance comes from ``reference`` (a catalog key, or an operator's folder)."""
         from ._caller import KernelCaller
 
         caller = KernelCaller(self._kernel)
@@ -168,20 +168,14 @@ class ModelPolicy:
         return Admission(reference, slot, self)
 
     async def _from_catalog(self, key: str) -> str:
-        """The catalog's reference for ``key`` (its folder, or a built-in key)."""
-        from .._catalog import BUILTIN_DEMO, BUILTIN_TINY
+        """The catalog's key for the model ``key`` names (a key or a path, never a folder on disk)."""
+        from ...errors import LMKernelModelNotFoundError
 
-        if key in (BUILTIN_DEMO, BUILTIN_TINY):
-            return key
-        catalog = self._kernel.catalog
-        entries = await trio.to_thread.run_sync(catalog.entries)
-        for entry in entries:
-            if entry.key == key:
-                return str(entry.path)
-        by_name = [e for e in entries if e.key.rsplit("/", 1)[-1].lower() == key.lower()]
-        if len(by_name) == 1:
-            return str(by_name[0].path)
-        raise PolicyError("model_not_found", f"No model in this server's catalog matches the key {_shown(key)}")
+        try:
+            entry = await trio.to_thread.run_sync(self._kernel.catalog.lookup, key)
+        except LMKernelModelNotFoundError:
+            raise PolicyError("model_not_found", f"No model in this server's catalog matches the key {_shown(key)}") from None
+        return entry.key
 
     def check_unload(self, key: str) -> None:
         """Refuse to unload an operator's model over the network (unless ``--allow-unload``)."""
