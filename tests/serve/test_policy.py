@@ -10,15 +10,15 @@ import pytest
 from lmkernel.kernel import messages as m
 from lmkernel.kernel.serve._policy import looks_like_path
 
-from ..conftest import TINY, TINY_CTX64
+from ..conftest import TINY, TINY_CTX64, TINY_CTX64_KEY, TINY_KEY
 from ..serve_helpers import Server
 from ._client import exchange, frame, http_request, native_socket, parse_response, recv_event
 
-NOT_SERVED = ("Model {key!r} is not served here (served: 'aa/tiny'); the operator names the models with --model, "
+NOT_SERVED = ("Model {key!r} is not served here (served: 'tiny'); the operator names the models with --model, "
               "or allows any model of the server's catalog with --any-model")
 A_PATH = ("Model key {key!r} looks like a filesystem path: lmkernel serve never loads a model by path for a network "
           "caller; use a model key")
-OPERATORS = ("Model 'aa/tiny' was loaded by the server's operator (--model) and is not unloaded over the network "
+OPERATORS = ("Model {key!r} was loaded by the server's operator (--model) and is not unloaded over the network "
              "(the operator allows it with --allow-unload)")
 
 
@@ -77,7 +77,7 @@ def test_paths_are_refused_without_saying_whether_they_exist(strict, open_server
                 event = ask(server, m.Load(id=4, model=key, new_instance=new_instance))
                 assert isinstance(event, m.Failed) and event.id == 4
                 assert (event.error.kind, event.error.message) == ("value", A_PATH.format(key=key))
-    assert strict.health()["models"] == open_server.health()["models"] == [TINY]
+    assert strict.health()["models"] == open_server.health()["models"] == [TINY_KEY]
 
 
 def test_odd_keys_are_refused_as_values(strict):
@@ -94,35 +94,40 @@ def test_only_the_operators_models_by_default(strict):
     assert (status, body["error"]["message"]) == (404, NOT_SERVED.format(key=TINY_CTX64))
     assert ask(strict, m.Load(id=2, model="tiny-ctx64")).error.message == NOT_SERVED.format(key="tiny-ctx64")
     status, body = complete(strict, None)  # no model named: the loaded one
-    assert status == 200 and body["model"] == TINY
-    assert complete(strict, TINY)[0] == 200
+    assert status == 200 and body["model"] == TINY_KEY  # the instance, named by its key
+    for key in (TINY, TINY_KEY):  # the operator's key (a path) and the instance's identifier
+        status, body = complete(strict, key)
+        assert status == 200 and body["model"] == TINY_KEY
     listed = ask(strict, m.ListDownloaded(id=3))
-    assert [info.model_key for info in listed.models] == [TINY]  # not the whole catalog, not its paths
+    assert [(info.model_key, info.path) for info in listed.models] == [(TINY_KEY, TINY)]  # not the whole catalog
     status, _, data = parse_response(exchange(strict.host, http_request("GET", "/v1/models", None,
                                                                         {"connection": "close"})))
-    assert [model["id"] for model in json.loads(data)["data"]] == [TINY]
-    assert strict.health()["models"] == [TINY]
+    assert [model["id"] for model in json.loads(data)["data"]] == [TINY_KEY]  # one model, listed once
+    assert strict.health()["models"] == [TINY_KEY]
 
 
 def test_unload_and_new_instances_over_the_network(strict):
-    for key in (TINY, str(ask(strict, m.GetInfo(id=1, model=TINY)).info.path)):
+    assert ask(strict, m.GetInfo(id=1, model=TINY)).info.path == TINY
+    for key in (TINY, TINY_KEY):  # its path (the operator's key) and its identifier
         event = ask(strict, m.Unload(id=5, model=key))
-        assert (event.error.kind, event.error.message) == ("value", OPERATORS.replace("'aa/tiny'", repr(key)))
+        assert (event.error.kind, event.error.message) == ("value", OPERATORS.format(key=key))
     with native_socket(strict.host) as sock:  # a new instance is the caller's: it may unload it
         sock.sendall(frame(m.Load(id=6, model=TINY, new_instance=True)))
         while not m.is_terminal(loaded := recv_event(sock)):
             pass
-        assert loaded.info.identifier == f"{TINY}:2"
-        sock.sendall(frame(m.Unload(id=7, model=f"{TINY}:2")))
+        assert loaded.info.identifier == f"{TINY_KEY}:2"
+        sock.sendall(frame(m.Unload(id=7, model=f"{TINY_KEY}:2")))
         assert isinstance(recv_event(sock), m.Done)
-    assert strict.health()["models"] == [TINY]
+    assert strict.health()["models"] == [TINY_KEY]
 
 
 def test_any_model_loads_catalog_keys_up_to_the_cap(open_server):
     status, body = complete(open_server, TINY_CTX64)
-    assert status == 200 and body["model"] == TINY_CTX64
-    assert complete(open_server, "tiny")[0] == 200  # a bare name of a loaded model: no new load
-    assert open_server.health()["models"] == [TINY, TINY_CTX64]
+    assert status == 200 and body["model"] == TINY_CTX64_KEY
+    for key in (TINY_CTX64_KEY, "Tiny-CTX64", TINY_KEY):  # other names of loaded models: no new load
+        status, body = complete(open_server, key)
+        assert status == 200 and body["model"] == key.lower()
+    assert open_server.health()["models"] == [TINY_KEY, TINY_CTX64_KEY]
     event = ask(open_server, m.Load(id=8, model=TINY, new_instance=True))
     assert (event.error.kind, event.error.message) == (
         "queue_full", "This server holds its limit of 2 loaded model(s) (--max-models); cannot load 'aa/tiny'")
@@ -130,13 +135,13 @@ def test_any_model_loads_catalog_keys_up_to_the_cap(open_server):
     assert (status, body["error"]["message"]) == (404, "No model in this server's catalog matches the key 'nope'")
     status, _, data = parse_response(exchange(open_server.host, http_request("GET", "/v1/models", None,
                                                                              {"connection": "close"})))
-    assert [model["id"] for model in json.loads(data)["data"]][:2] == [TINY, TINY_CTX64]
+    assert [model["id"] for model in json.loads(data)["data"]][:2] == [TINY_KEY, TINY_CTX64_KEY]
     # --allow-unload: the operator's model too; asking for it again loads it from where it was.
     assert isinstance(ask(open_server, m.Unload(id=9, model=TINY)), m.Done)
     assert isinstance(ask(open_server, m.Unload(id=9, model=TINY_CTX64)), m.Done)
     assert open_server.health()["models"] == []
-    assert complete(open_server, None)[1]["model"] == TINY  # nothing loaded: the operator's first model
-    assert open_server.health()["models"] == [TINY]
+    assert complete(open_server, None)[1]["model"] == TINY_KEY  # nothing loaded: the operator's first model
+    assert open_server.health()["models"] == [TINY_KEY]
 
 
 def test_no_model_named_and_none_loaded_is_refused_without_operator_models():

@@ -108,9 +108,14 @@ class ModelPolicy:
         self._operator_instances.update((key, info.identifier, info.model_key, info.path))
 
     def served(self) -> list[str]:
-        """The keys a caller may ask for: loaded identifiers, then the operator's keys."""
+        """The keys a caller may ask for: loaded identifiers, then the operator's keys of models not loaded.
+
+        A loaded operator's model is listed once, by its identifier (``tiny``), not also by the
+        key the operator gave (``publisher/Tiny``).
+        """
         names = list(self._loaded())
-        names += [k for k in self._operator_keys if k not in names]
+        held = {self._operator[name] for name in names if name in self._operator}
+        names += [k for k in self._operator_keys if k not in names and self._operator[k] not in held]
         return names
 
     def _loaded(self) -> list[str]:
