@@ -27,10 +27,11 @@ from lmkernel.kernel import runtime
 from lmkernel.plugins import discovery
 from lmkernel.testing import build_tiny_llama
 
-from ..conftest import TINY
+from ..conftest import TINY, TINY_KEY
 
 FAULTS_DIR = Path(__file__).resolve().parents[1] / "faults"
-FAULTY = "zz/faulty"
+FAULTY = "zz/faulty"  # its path in its models folder (what the tests load it by)
+FAULTY_KEY = "faulty"  # its key, and the identifier of its instance
 ENGINE_TIMEOUT = 2.0
 LOAD_TIMEOUT = 4.0
 CATALOG_TIMEOUT = 3.0
@@ -235,11 +236,11 @@ def expect_completion(api, key=FAULTY) -> None:
 
 PREDICTION_FAULTS = [
     # method, mode, what the error says
-    ("step", "raise", "failed while predicting model 'zz/faulty': InjectedFault: injected fault in step"),
+    ("step", "raise", "failed while predicting model 'faulty': InjectedFault: injected fault in step"),
     ("step", "malformed", "step() returned an event for a sequence it does not hold"),
-    ("tokenize", "raise", "failed while tokenizing model 'zz/faulty': InjectedFault: injected fault in tokenize"),
+    ("tokenize", "raise", "failed while tokenizing model 'faulty': InjectedFault: injected fault in tokenize"),
     ("tokenize", "malformed", "tokenize() returned a token id that is not a non-negative integer: 'not'"),
-    ("add", "raise", "failed while adding a sequence model 'zz/faulty': InjectedFault: injected fault in add"),
+    ("add", "raise", "failed while adding a sequence model 'faulty': InjectedFault: injected fault in add"),
 ]
 
 
@@ -251,7 +252,7 @@ def test_engine_fault_fails_the_prediction_and_the_engine_is_replaced(faults, ap
     inject(faults, method, mode, after=1 if method == "step" else 0)
     outcome, elapsed = timed(api, "complete", FAULTY, limit=30)
     expect_error(outcome, lms.LMKernelBackendError, message)
-    assert outcome.backend == "faults" and outcome.model == FAULTY
+    assert outcome.backend == "faults" and outcome.model == FAULTY_KEY
     bystander.check()
     clear(faults)
     expect_completion(api)  # the next request succeeds, on a healthy (or fresh) engine
@@ -271,11 +272,11 @@ def test_an_engine_that_keeps_failing_is_unloaded_and_says_why(faults):
         # the answer says why.
         assert str(info.value).endswith(
             "Backend 'faults' failed 3 times in a row, last while predicting "
-            "model 'zz/faulty': InjectedFault: injected fault in step")
+            "model 'faulty': InjectedFault: injected fault in step")
         time.sleep(0.2)
         with pytest.raises(lms.LMKernelModelNotFoundError, match="it was unloaded because: Backend 'faults' failed 3"):
             model.complete("the cat", config={"maxTokens": 5})
-        assert FAULTY not in [m.identifier for m in client.llm.list_loaded()]
+        assert FAULTY_KEY not in [m.identifier for m in client.llm.list_loaded()]
         clear(faults)
         reloaded = client.llm.model(FAULTY)  # loading it again starts afresh
         assert reloaded.complete("the cat", config={"maxTokens": 2}).stats.predicted_tokens_count >= 1
@@ -300,7 +301,7 @@ def test_hung_engine_call_ends_the_model_within_its_limit(faults, api, method, a
 
 @pytest.mark.parametrize("api", FACADES, ids=lambda a: a.name)
 @pytest.mark.parametrize(("mode", "message"), [
-    ("raise", "failed while loading model 'zz/faulty': InjectedFault: injected fault in load"),
+    ("raise", "failed while loading model 'faulty': InjectedFault: injected fault in load"),
     ("malformed", "Engine.context_length must be a positive integer, got -1"),
     ("hang", "did not return within 4 s"),
 ])
@@ -343,10 +344,10 @@ def test_close_fault_still_unloads(faults, api, mode):
 def test_describe_fault_skips_that_plugin_and_listing_works(faults, api, mode):
     inject(faults, "describe", mode, after=0)
     outcome, _ = timed(api, "list_keys", limit=30)
-    assert isinstance(outcome, list) and TINY in outcome, outcome
+    assert isinstance(outcome, list) and TINY_KEY in outcome, outcome
     clear(faults)
     outcome, _ = timed(api, "list_keys", limit=30)
-    assert FAULTY in outcome
+    assert FAULTY_KEY in outcome
 
 
 def test_describe_hang_fails_the_listing_within_its_limit(faults):
@@ -358,7 +359,7 @@ def test_describe_hang_fails_the_listing_within_its_limit(faults):
     clear(faults)
     time.sleep(CATALOG_TIMEOUT + 4 - elapsed)  # the abandoned scan ends
     outcome, _ = timed(api, "list_keys", limit=30)
-    assert FAULTY in outcome
+    assert FAULTY_KEY in outcome
 
 
 @pytest.mark.parametrize(("mode", "reason"), [

@@ -20,11 +20,12 @@ import pytest
 
 import lmkernel as lms
 
-from ..conftest import TINY
+from ..conftest import TINY, TINY_KEY
 from ..kernel.test_faults import (
     ENGINE_TIMEOUT,
     FAULTS_DIR,
     FAULTY,
+    FAULTY_KEY,
     HANGS,
     LOAD_TIMEOUT,
     PREDICTION_FAULTS,
@@ -68,11 +69,12 @@ class NativeAPI:
         with lms.Client(self.host) as client:
             return client.llm.model(key).identifier
 
-    def unload(self, key=FAULTY):
+    def unload(self, identifier=FAULTY_KEY):
         with lms.Client(self.host) as client:
             for model in client.llm.list_loaded():
-                if model.identifier == key:
+                if model.identifier == identifier:
                     model.unload()
+            assert identifier not in [model.identifier for model in client.llm.list_loaded()]
 
 
 class HttpAPI:
@@ -189,9 +191,9 @@ def test_describe_with_a_bad_format_does_not_break_listing(server):
     inject(server.faults, "describe", "malformed")
     with lms.Client(server.host) as client:
         keys = [m.model_key for m in client.list_downloaded_models()]
-    assert TINY in keys and FAULTY in keys  # MLX still describes the folder; the bad answer is skipped
+    assert TINY_KEY in keys and FAULTY_KEY in keys  # MLX still describes the folder; the bad answer is skipped
     with urllib.request.urlopen(f"http://{server.host}/v1/models", timeout=30) as response:
-        assert TINY in {m["id"] for m in json.loads(response.read())["data"]}
+        assert TINY_KEY in {m["id"] for m in json.loads(response.read())["data"]}
     clear(server.faults)
 
 
