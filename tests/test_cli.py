@@ -110,8 +110,6 @@ def test_models_shows_each_model_its_own_parameter_count():
     assert "Backends that can run here: mlx.\n" in done.stdout  # nothing unavailable: no "not here" part
 
 
-@pytest.mark.xfail(reason="the kernel's catalog builds LlmInfo from the first registered backend's description, "
-                          "an unavailable exllamav2 one (no params_string) here: kernel/_catalog.py", strict=False)
 def test_models_shows_the_demo_parameter_count_with_every_backend_registered():
     done = lmkernel("models")
     assert {r["KEY"]: r["PARAMS"] for r in _table(done.stdout)}[DEMO] == "4.46M"

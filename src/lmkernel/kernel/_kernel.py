@@ -54,12 +54,23 @@ ENDED_REMEMBERED = 64  # how many failed models' reasons are kept for "not found
 
 
 
+def _catalog_order(discovery: Discovery) -> list[Backend]:
+    """Every working backend, those that can run here first (highest priority first).
+
+    A model's listed facts come from the first backend that describes it: the one that
+    would load it here, not one that cannot run on this machine.
+    """
+    backends = [s for s in discovery.statuses if s.backend is not None]
+    ranked = sorted(backends, key=lambda s: (not s.availability.available, -s.backend.priority))
+    return [s.backend for s in ranked]
+
+
 class Kernel:
     """Serve requests until :meth:`shutdown`. Create, then ``await kernel.serve()``."""
 
     def __init__(self, discovery: Discovery | None = None, catalog: Catalog | None = None) -> None:
         self.discovery = discovery or discover()
-        self.catalog = catalog or Catalog([s.backend for s in self.discovery.statuses if s.backend])
+        self.catalog = catalog or Catalog(_catalog_order(self.discovery))
         self._actors: list[ModelActor] = []  # loaded and loading, in load order
         self._ended: dict[str, str] = {}  # identifier -> why, for models that ended on a failure
         self._workers: list = []  # every engine worker whose thread may still run (for abandon_engines)
