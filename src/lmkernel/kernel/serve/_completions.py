@@ -135,6 +135,9 @@ def prediction_config(request: CompletionRequest) -> dict[str, Any]:
         "topKSampling": 0,
         "minPSampling": False,
         "repeatPenalty": False,
+        # OpenAI's API refuses a prompt longer than the context (400) and stops at the limit
+        # (finish_reason "length"); it never cuts a prompt as the SDK's default policy does.
+        "contextOverflowPolicy": "stopAtLimit",
     }
     if request.max_tokens is not None:
         config["maxTokens"] = request.max_tokens
