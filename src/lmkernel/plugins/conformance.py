@@ -268,6 +268,29 @@ class Conformance:
         for i, prompt in enumerate(prompts):
             assert alone[i] == together[i], f"{prompt!r}: alone {alone[i]} != concurrent {together[i]}"
 
+    def check_an_id_added_again_is_a_new_sequence(self) -> None:
+        # The kernel re-adds a sequence under its id, with the text so far, when a cutting
+        # contextOverflowPolicy makes room: the engine must start it afresh from those tokens.
+        runner = self._engine()
+        try:
+            def scenario(engine: Engine):
+                prompt = engine.tokenize("The cat sat on the")
+                engine.add(1, prompt, GREEDY, 4)
+                first = _run_all(engine)[1]
+                engine.remove(1)
+                again = prompt + _tokens(first)
+                engine.add(1, again, GREEDY, 4)
+                continued = _run_all(engine)[1]
+                engine.add(2, again, GREEDY, 4)
+                fresh = _run_all(engine)[2]
+                return continued, fresh
+
+            continued, fresh = runner.call(scenario)
+        finally:
+            runner.close()
+        assert _tokens(continued) == _tokens(fresh), f"re-added id {_tokens(continued)} != new id {_tokens(fresh)}"
+        assert _text(continued) == _text(fresh), f"re-added id {_text(continued)!r} != new id {_text(fresh)!r}"
+
     def check_text_is_the_tokenizers_decode(self) -> None:
         """decode(prompt + generated) == decode(prompt) + text, with the tokenizer's own decode.
 

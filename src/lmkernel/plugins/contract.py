@@ -206,6 +206,11 @@ class Engine(ABC):
         ``max_tokens`` is the token budget the kernel computed (from ``maxTokens`` and the
         context left): after that many :class:`Token` events the engine ends the sequence
         with ``SequenceEnd("length")``, flushing any text its detokenizer held back.
+
+        A ``seq_id`` may come back: when a sequence fills the context under a cutting
+        ``contextOverflowPolicy``, the kernel calls :meth:`remove` and then ``add`` again with
+        the same id and the cut text (prompt and generated tokens so far) as ``prompt_tokens``.
+        Treat it as a new sequence; the text of its tokens continues from those tokens.
         """
 
     @abstractmethod
