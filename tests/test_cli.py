@@ -16,7 +16,7 @@ import pytest
 
 from lmkernel.cli import HelpFormatter, build_parser, stop_string
 
-from .conftest import TINY
+from .conftest import TINY, TINY_KEY
 
 DEMO = "lmkernel/kjv-demo"
 
@@ -75,8 +75,10 @@ def _cells(line: str, n: int) -> list[str]:
 
 
 def _tiny_row(rows: list[dict[str, str]]) -> dict[str, str]:
-    """The test model's row, whether its key is its folder path or (as LM Studio names it) its last part."""
-    return next(r for r in rows if TINY in (r["KEY"], r["PATH"]))
+    """The test model's row: keyed as LM Studio keys it (its path's last part, lower-cased), with its path."""
+    row = next(r for r in rows if r["KEY"] == TINY_KEY)
+    assert row["PATH"] == TINY, row
+    return row
 
 
 def test_models_agrees_with_list_downloaded_models():

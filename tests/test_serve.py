@@ -18,7 +18,7 @@ import pytest
 import lmkernel as lms
 from lmkernel.kernel import messages as m
 
-from .conftest import TINY
+from .conftest import TINY, TINY_KEY
 from .serve_helpers import Server
 
 
@@ -44,9 +44,9 @@ def expected(prompt: str, n: int) -> str:
 
 def test_models_and_health(server, oai):
     ids = [model.id for model in oai.models.list().data]
-    assert ids == [TINY]  # what the operator serves, not the whole catalog (that takes --any-model)
+    assert ids == [TINY_KEY]  # what the operator serves, once, not the whole catalog (that takes --any-model)
     health = server.health()
-    assert health["status"] == "ok" and health["models"] == [TINY]
+    assert health["status"] == "ok" and health["models"] == [TINY_KEY]
 
 
 def test_completion_matches_in_process(oai):
@@ -186,18 +186,20 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server, oai
 def test_api_key_is_required_on_both_protocols():
     server = Server("--api-key", "s3cret", "--model", TINY)
     try:
+        # As in LM Studio's SDK, a client connects on `with` or on its first call, not in its constructor.
         with pytest.raises(lms.LMKernelError, match="Invalid or missing API token"):
-            lms.Client(server.host)
+            with lms.Client(server.host):
+                pass
         with pytest.raises(lms.LMKernelError, match="Invalid or missing API token"):
-            lms.Client(server.host, api_token="wrong")
+            lms.Client(server.host, api_token="wrong").llm.list_loaded()
         with lms.Client(server.host, api_token="s3cret") as client:
-            assert [model.identifier for model in client.llm.list_loaded()] == [TINY]
+            assert [model.identifier for model in client.llm.list_loaded()] == [TINY_KEY]
         bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
         bad.close()
         good = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
-        assert [model.id for model in good.models.list().data][0] == TINY
+        assert [model.id for model in good.models.list().data] == [TINY_KEY]
         good.close()
     finally:
         assert server.stop() == 0
