@@ -6,11 +6,13 @@ from .contract import (
     Engine,
     LoadOptions,
     ModelDescription,
+    ModelRejected,
     PromptProgress,
     Sampling,
     SequenceEnd,
     StepEvent,
     Token,
+    read_config,
 )
 from .discovery import ENTRY_POINT_GROUP, BackendStatus, Discovery, discover
 
@@ -23,10 +25,12 @@ __all__ = [
     "Engine",
     "LoadOptions",
     "ModelDescription",
+    "ModelRejected",
     "PromptProgress",
     "Sampling",
     "SequenceEnd",
     "StepEvent",
     "Token",
     "discover",
+    "read_config",
 ]
