@@ -4,6 +4,7 @@ the catalog with ``--any-model``, never a filesystem path, ``--max-models``, ``-
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -151,5 +152,27 @@ def test_no_model_named_and_none_loaded_is_refused_without_operator_models():
         assert (status, body["error"]["param"]) == (404, "model")
         assert body["error"]["message"] == ("No model is loaded on this server, and it loads no model on request "
                                             "(the operator names models with --model)")
+    finally:
+        assert server.stop() == 0
+
+
+def test_an_operators_model_from_a_folder_is_served_by_its_name(models_dir, tmp_path):
+    """A folder outside the models folders is named by its absolute path: the operator's instance of
+    one answers to that name (the server publishes it), while any other path is still refused."""
+    folder = shutil.copytree(models_dir / TINY, tmp_path / "run7")
+    name = str(folder.resolve())
+    server = Server("--model", str(folder))
+    try:
+        assert server.health()["models"] == [name]
+        status, body = complete(server, name)
+        assert status == 200 and body["model"] == name
+        event = ask(server, m.Load(id=1, model=name))
+        assert isinstance(event, m.Loaded) and event.info.identifier == name and event.already_loaded
+        for key in (str(tmp_path), name + "/", str(models_dir / TINY)):
+            status, body = complete(server, key)
+            assert (status, body["error"]["message"]) == (400, A_PATH.format(key=key))
+        event = ask(server, m.Unload(id=2, model=name))
+        assert (event.error.kind, event.error.message) == ("value", OPERATORS.format(key=name))
+        assert server.health()["models"] == [name]
     finally:
         assert server.stop() == 0

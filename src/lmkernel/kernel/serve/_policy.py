@@ -3,7 +3,8 @@
 The operator decides, the network asks. A caller may use the models the operator named with
 ``--model`` (whatever is loaded, too), and any model of the server's catalog only with
 ``--any-model``. A key that looks like a filesystem path is refused before anything touches the
-filesystem, with the same text whether or not such a folder exists. A model the kernel does not
+filesystem, with the same text whether or not such a folder exists; only the names of the operator's
+models pass (one loaded from a folder outside the models folders is named by its absolute path). A model the kernel does not
 hold yet is loaded from a reference the server trusts (the folder the operator's ``--model``
 resolved to, or the catalog's own entry), never from the caller's text. New instances count
 against ``--max-models``, like every load. Operator models are not unloaded over the network
@@ -139,7 +140,8 @@ class ModelPolicy:
                 raise PolicyError("model_not_found", "No model is loaded on this server, and it loads no model "
                                                      "on request (the operator names models with --model)")
         else:
-            check_key(model)
+            if model not in self._operator:  # an operator's folder is named by its path, which the server publishes
+                check_key(model)
             if model in loaded and not new_instance:
                 return Admission(model, None)  # an instance the kernel holds: no new load
         reference = None if model is None else self._operator.get(model)
