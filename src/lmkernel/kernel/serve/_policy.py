@@ -3,12 +3,12 @@
 The operator decides, the network asks. A caller may use the models the operator named with
 ``--model`` (whatever is loaded, too), and any model of the server's catalog only with
 ``--any-model``. A key that looks like a filesystem path is refused before anything touches the
-filesystem, with the same text whether or not such a folder exists; only the names of the operator's
-models pass (one loaded from a folder outside the models folders is named by its absolute path). A model the kernel does not
-hold yet is loaded from a reference the server trusts (the folder the operator's ``--model``
-resolved to, or the catalog's own entry), never from the caller's text. New instances count
-against ``--max-models``, like every load. Operator models are not unloaded over the network
-unless ``--allow-unload``.
+filesystem, with the same text whether or not such a folder exists; only the names of the
+operator's models pass (one loaded from a folder outside the models folders is named by its
+absolute path). A model the kernel does not hold yet is loaded from a reference the server
+trusts (the path the operator's ``--model`` resolved to, or the catalog's own key), never from
+the caller's text. New instances count against ``--max-models``, like every load. Operator
+models are not unloaded over the network unless ``--allow-unload``.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class ModelPolicy:
                 raise PolicyError("model_not_found", "No model is loaded on this server, and it loads no model "
                                                      "on request (the operator names models with --model)")
         else:
-            if model not in self._operator:  # an operator's folder is named by its path, which the server publishes
+            if model not in self._operator:  # an operator's model from a folder is named by its path
                 check_key(model)
             if model in loaded and not new_instance:
                 return Admission(model, None)  # an instance the kernel holds: no new load
