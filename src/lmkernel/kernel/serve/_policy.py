@@ -95,7 +95,7 @@ class ModelPolicy:
         self.any_model = any_model
         self.allow_unload = allow_unload
         self.max_models = max_models
-        self._operator: dict[str, str] = {}  # name the operator's model answers to -> folder it loaded from
+        self._operator: dict[str, str] = {}  # name the operator's model answers to -> its path (LlmInfo.path)
         self._operator_keys: list[str] = []  # the --model values, in order
         self._operator_instances: set[str] = set()
         self._pending: Counter[str] = Counter()  # loads under way that may add a model
