@@ -281,7 +281,7 @@ def test_sdk_refuses_invalid_text_before_encoding(tiny_model, call, message):
         ("y" * 300, lms.LMKernelModelNotFoundError,
          ("No model matches the key 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy...yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy': a model key"
           " or path is at most 4096 bytes with at most 255 bytes between slashes (this one: 300 bytes, longest part 300)")),
-        ("~nosuchuser/x", lms.LMKernelModelNotFoundError, "No model matches the key '~nosuchuser/x'. Available: aa/tiny"),
+        ("~nosuchuser/x", lms.LMKernelModelNotFoundError, "No model folder at '~nosuchuser/x': the path does not exist"),
         ("a\0b", lms.LMKernelValueError, "A model key cannot contain a NUL character, got 'a\\x00b'"),
     ],
 )
@@ -317,6 +317,7 @@ def test_exllamav2_turns_a_top_k_as_large_as_the_vocabulary_off():
     engine._lib, engine.eos_ids, engine._jobs = lib, [0], {}
     engine.model = SimpleNamespace(config=SimpleNamespace(vocab_size=100))
     engine.generator = SimpleNamespace(enqueue=lambda job: None)
+    engine.tokenizer = SimpleNamespace(decode=lambda ids, decode_special_tokens=False: " ".join(map(str, ids)))
     for seq_id, (sampling, top_k) in enumerate([
         (Sampling(temperature=1.0, top_k=10**6), 0),
         (Sampling(temperature=1.0, top_k=100), 0),

@@ -141,6 +141,10 @@ def test_any_model_loads_catalog_keys_up_to_the_cap(open_server):
     assert isinstance(ask(open_server, m.Unload(id=9, model=TINY)), m.Done)
     assert isinstance(ask(open_server, m.Unload(id=9, model=TINY_CTX64)), m.Done)
     assert open_server.health()["models"] == []
+    status, _, data = parse_response(exchange(open_server.host, http_request("GET", "/v1/models", None,
+                                                                             {"connection": "close"})))
+    ids = [model["id"] for model in json.loads(data)["data"]]
+    assert ids[0] == TINY and TINY_KEY not in ids  # the operator's model once, under the operator's name
     assert complete(open_server, None)[1]["model"] == TINY_KEY  # nothing loaded: the operator's first model
     assert open_server.health()["models"] == [TINY_KEY]
 

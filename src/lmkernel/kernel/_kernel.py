@@ -335,7 +335,7 @@ class Kernel:
         else:
             entry = await self._catalog_call(self.catalog.resolve, request.model)
         if not request.new_instance:
-            actor = self._find(entry.key) or self._find(str(entry.path))
+            actor = self._find(entry.key)  # a loaded instance carries its catalog key
             if actor is not None:
                 self._join(actor, peer, request.id)
                 return

@@ -247,7 +247,9 @@ class OpenAIHandler:
             finally:
                 caller.close()
             if isinstance(downloaded, m.DownloadedList):
-                ids += [info.model_key for info in downloaded.models if info.model_key not in ids]
+                # A model the operator named by its path is listed once, under that name.
+                ids += [info.model_key for info in downloaded.models
+                        if info.model_key not in ids and info.path not in ids]
         await self._json(200, {"object": "list", "data": [
             {"id": key, "object": "model", "created": 0, "owned_by": "lmkernel"} for key in ids]})
 
