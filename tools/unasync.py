@@ -28,6 +28,7 @@ TARGET = SDK / "_sync_facade.py"
 HEADER = (
     "# Generated from async_api.py by tools/unasync.py: do not edit. Change async_api.py and run\n"
     "# `python tools/unasync.py`; tests/sdk/test_facade_drift.py fails while the two differ.\n"
+    "# ruff: noqa: I001 - the imports are the async source's, renamed\n"
 )
 DOCSTRING = '''"""The synchronous client API: ``Client``, ``LLM``, ``PredictionStream``, ``DownloadedLlm``.
 

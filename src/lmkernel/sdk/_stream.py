@@ -12,6 +12,7 @@ from ._prediction import PredictionState
 from ._public import public_api
 from .types import PredictionResult
 
+
 class StreamCore:
     """A prediction stream's state and request handling, without any waiting."""
 

@@ -1,5 +1,6 @@
 # Generated from async_api.py by tools/unasync.py: do not edit. Change async_api.py and run
 # `python tools/unasync.py`; tests/sdk/test_facade_drift.py fails while the two differ.
+# ruff: noqa: I001 - the imports are the async source's, renamed
 """The synchronous client API: ``Client``, ``LLM``, ``PredictionStream``, ``DownloadedLlm``.
 
 Generated from the async facade (``async_api.py``), its one source. Each call hands a request
