@@ -33,21 +33,21 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import queue
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ..errors import LMKernelModelNotFoundError, LMKernelValueError
 from ..plugins.contract import Backend, ModelDescription, ModelRejected
 from ._boundary import check_description
+from ._describer import DESCRIBE_TIMEOUT, Describer, DescribeHung, text_of
+from ._folders import cache_dir, candidates, demo_model_path, existing_folder, folder_problem, guarded, model_roots
 from .config import show, unicode_problem
 from .messages import LlmInfo
 
-T = TypeVar("T")
 log = logging.getLogger("lmkernel")
 
 BUILTIN_TINY = "lmkernel/tiny-random-llama"
@@ -57,31 +57,6 @@ BUILTIN_DEMO = "lmkernel/kjv-demo"
 #: and macOS file names (PATH_MAX, NAME_MAX); a longer key cannot name a folder.
 MAX_KEY_BYTES = 4096
 MAX_NAME_BYTES = 255
-#: Seconds one plugin ``describe()`` call may take before its backend is skipped (until the
-#: call returns, every later listing skips that backend at once).
-DESCRIBE_TIMEOUT = 10.0
-
-_FS_ERRORS = (OSError, ValueError, RuntimeError)  # file names too long, NUL bytes, unknown ~user
-
-
-class _DescribeHung(Exception):
-    """A plugin's ``describe()`` did not answer in time."""
-
-
-def _text(exc: BaseException) -> str:
-    try:
-        text = str(exc).encode("utf-8", "backslashreplace").decode()
-    except Exception:  # noqa: BLE001 - a plugin's exception with a broken __str__
-        text = "<unprintable>"
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _guarded(call: Callable[[], T], default: T) -> T:
-    """Run a filesystem call; any filesystem error gives ``default``."""
-    try:
-        return call()
-    except _FS_ERRORS:
-        return default
 
 
 def check_key(key: Any) -> str:
@@ -102,37 +77,6 @@ def check_key(key: Any) -> str:
             f" with at most {MAX_NAME_BYTES} bytes between slashes (this one: {size} bytes, longest part {longest})"
         )
     return key
-
-
-def demo_model_path() -> Path:
-    """Where the demo model ships, inside the installed package."""
-    return Path(__file__).resolve().parent.parent / "models" / "kjv-demo"
-
-
-def cache_dir() -> Path:
-    """lmkernel's cache folder (``LMKERNEL_CACHE``, else ``~/.cache/lmkernel``)."""
-    env = os.environ.get("LMKERNEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "lmkernel"
-
-
-def model_roots() -> list[tuple[Path, str]]:
-    """The folders searched for models, each with its layout (``"plain"`` or ``"hf-cache"``)."""
-    roots = [
-        (_guarded(Path(p).expanduser, Path(p)), "plain")
-        for p in os.environ.get("LMKERNEL_MODELS", "").split(os.pathsep)
-        if p
-    ]
-    if os.environ.get("LMKERNEL_NO_DEFAULT_FOLDERS", "") not in ("", "0"):
-        return roots
-    home = _guarded(Path.home, None)
-    if home is None:  # no home folder: only the folders named in the environment
-        return roots
-    roots += [(home / ".lmstudio" / "models", "plain"), (home / ".cache" / "lm-studio" / "models", "plain")]
-    hf_hub = os.environ.get("HF_HUB_CACHE") or (
-        Path(os.environ["HF_HOME"]) / "hub" if "HF_HOME" in os.environ else home / ".cache" / "huggingface" / "hub"
-    )
-    roots.append((Path(hf_hub), "hf-cache"))
-    return roots
 
 
 def model_key(path: str) -> str:
@@ -181,58 +125,6 @@ class CatalogEntry:
         )
 
 
-def _subdirs(folder: Path) -> list[Path]:
-    """The visible subfolders of ``folder``, sorted; unreadable ones are left out."""
-
-    def listing() -> list[Path]:
-        return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and _guarded(p.is_dir, False))
-
-    return _guarded(listing, [])
-
-
-def _mtime(path: Path) -> float:
-    return _guarded(lambda: path.stat().st_mtime, 0.0)
-
-
-def _candidates(root: Path, layout: str) -> Iterable[tuple[str, Path]]:
-    """The folders of ``root`` that may hold a model, each with its path relative to ``root``."""
-    if not _guarded(root.is_dir, False):
-        return
-    if layout == "hf-cache":
-        for repo in _guarded(lambda: sorted(root.glob("models--*")), []):
-            snapshots = sorted(_subdirs(repo / "snapshots"), key=_mtime)
-            if snapshots:
-                yield repo.name.removeprefix("models--").replace("--", "/"), snapshots[-1]
-        return
-    # LM Studio and most users lay models out as publisher/name/ or name/.
-    for child in _subdirs(root):
-        yield child.name, child
-        for grandchild in _subdirs(child):
-            yield f"{child.name}/{grandchild.name}", grandchild
-
-
-def _existing_folder(key: str) -> Path | None:
-    """The folder ``key`` names as a path (``~`` expanded, resolved), or ``None``."""
-    path = _guarded(Path(key).expanduser, Path(key))  # "~nosuchuser/x" stays as written
-    if not _guarded(path.is_dir, False):
-        return None
-    return _guarded(path.resolve, None)
-
-
-def _folder_problem(key: str) -> str:
-    """Say why ``key`` names no folder (it does not exist, is a file, cannot be read)."""
-    path = _guarded(Path(key).expanduser, Path(key))
-    try:
-        path.stat()
-    except FileNotFoundError:
-        return "the path does not exist"
-    except OSError as exc:
-        return f"it cannot be read ({exc.strerror or type(exc).__name__})"
-    except (ValueError, RuntimeError):
-        return "the path does not exist"
-    return "it is not a folder"
-
-
 def _reasons(rejections: Mapping[str, str]) -> str:
     """``mlx, exllamav2: no config.json; other: ...``: each reason once, with the backends that gave it."""
     if not rejections:
@@ -241,65 +133,6 @@ def _reasons(rejections: Mapping[str, str]) -> str:
     for name, reason in rejections.items():
         by_reason.setdefault(reason, []).append(name)
     return "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
-
-
-class _Describer:
-    """Runs one backend's ``describe()`` calls on a daemon thread, so that a caller can stop waiting.
-
-    The thread ends after ``IDLE`` seconds without work. Once a caller has stopped waiting,
-    the backend counts as hung until that call returns: later calls fail at once.
-    """
-
-    IDLE = 5.0
-
-    def __init__(self, backend: Backend) -> None:
-        self._backend = backend
-        self._jobs: queue.SimpleQueue[tuple[Path, list[Any], threading.Event]] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._running = False
-        self._hung = False
-
-    def call(self, path: Path, timeout: float) -> Any:
-        if self._hung:
-            raise _DescribeHung("an earlier describe() call has not returned yet")
-        answer: list[Any] = []
-        done = threading.Event()
-        with self._lock:
-            self._jobs.put((path, answer, done))
-            if not self._running:
-                self._running = True
-                name = f"lmkernel-describe-{getattr(self._backend, 'name', '?')}"
-                threading.Thread(target=self._serve, name=name, daemon=True).start()
-        if not done.wait(timeout):
-            with self._lock:  # the call may have ended meanwhile: then it is not hung
-                if not done.is_set():
-                    self._hung = True
-                    raise _DescribeHung(f"describe() did not answer within {timeout:g} s")
-        ok, value = answer[0]
-        if ok:
-            return value
-        if isinstance(value, Exception):
-            raise value
-        raise RuntimeError(f"describe() raised {type(value).__name__}: {_text(value)}")
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                path, answer, done = self._jobs.get(timeout=self.IDLE)
-            except queue.Empty:
-                with self._lock:
-                    if self._jobs.empty():
-                        self._running = False
-                        return
-                continue
-            try:
-                answer.append((True, self._backend.describe(path)))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                answer.append((False, exc))
-            finally:
-                with self._lock:
-                    self._hung = False
-                    done.set()
 
 
 class Catalog:
@@ -318,7 +151,7 @@ class Catalog:
         self._backends = backends
         self._roots = roots
         self._timeout = describe_timeout
-        self._describers: dict[int, _Describer] = {}  # by id(backend)
+        self._describers: dict[int, Describer] = {}  # by id(backend)
         self._lock = threading.Lock()
         self._logged: set[tuple[str, str]] = set()
 
@@ -335,7 +168,7 @@ class Catalog:
         with self._lock:
             describer = self._describers.get(id(backend))
             if describer is None:
-                describer = self._describers[id(backend)] = _Describer(backend)
+                describer = self._describers[id(backend)] = Describer(backend)
         return describer.call(path, timeout)
 
     def _describe_folder(self, path: Path) -> tuple[dict[str, ModelDescription], dict[str, str]]:
@@ -351,17 +184,17 @@ class Catalog:
                 else:
                     descriptions[name] = check_description(name, desc)
             except ModelRejected as exc:  # the usual answer for a folder that is not this backend's model
-                rejections[name] = _text(exc)
+                rejections[name] = text_of(exc)
             except Exception as exc:  # noqa: BLE001 - a plugin's describe must not break listing
                 if isinstance(exc, LMKernelValueError):
-                    rejections[name] = _text(exc).removeprefix(f"Backend {name!r} ")
+                    rejections[name] = text_of(exc).removeprefix(f"Backend {name!r} ")
                     message = f"{exc} (for the folder {str(path)!r}); its description is skipped"
-                elif isinstance(exc, _DescribeHung):
-                    rejections[name] = _text(exc)
+                elif isinstance(exc, DescribeHung):
+                    rejections[name] = text_of(exc)
                     message = f"Backend {name!r} is skipped while listing models: {exc}"
                 else:
-                    rejections[name] = f"describe() raised {type(exc).__name__}: {_text(exc)}"
-                    message = f"Backend {name!r} failed to describe {str(path)!r}: {type(exc).__name__}: {_text(exc)}"
+                    rejections[name] = f"describe() raised {type(exc).__name__}: {text_of(exc)}"
+                    message = f"Backend {name!r} failed to describe {str(path)!r}: {type(exc).__name__}: {text_of(exc)}"
                 self._warn_once(name, message)
         return descriptions, rejections
 
@@ -377,7 +210,7 @@ class Catalog:
         folders: set[Path] = set()
         found: list[CatalogEntry] = []
         for root, layout in self._roots if self._roots is not None else model_roots():
-            for relative, folder in _candidates(root, layout):
+            for relative, folder in candidates(root, layout):
                 if relative in paths:
                     if relative in (BUILTIN_DEMO, BUILTIN_TINY):
                         self._warn_once("", f"Skipped the model folder {str(folder)!r}: {relative!r} names a built-in model")
@@ -385,7 +218,7 @@ class Catalog:
                 if unicode_problem(relative) is not None or unicode_problem(str(folder)) is not None:
                     self._warn_once("", f"Skipped the model folder {str(folder)!r}: its name is not valid Unicode")
                     continue
-                real = _guarded(folder.resolve, folder)
+                real = guarded(folder.resolve, folder)
                 if real in folders:  # one folder reached from two models folders
                     continue
                 descriptions, rejections = self._describe_folder(folder)
@@ -415,9 +248,9 @@ class Catalog:
         """
         check_key(key)
         if is_explicit_path(key):
-            folder = _existing_folder(key)
+            folder = existing_folder(key)
             if folder is None:
-                raise LMKernelModelNotFoundError(f"No model folder at {key!r}: {_folder_problem(key)}")
+                raise LMKernelModelNotFoundError(f"No model folder at {key!r}: {folder_problem(key)}")
             return self._folder_entry(folder, self.entries())
         builtin = self._builtin(key)
         if builtin is not None:
@@ -427,7 +260,7 @@ class Catalog:
             return self._match(key, entries)
         except LMKernelModelNotFoundError as exc:
             error = exc
-        folder = _existing_folder(key)  # last: a folder relative to the working directory
+        folder = existing_folder(key)  # last: a folder relative to the working directory
         if folder is None:
             raise error
         return self._folder_entry(folder, entries)
@@ -448,7 +281,7 @@ class Catalog:
             if entry.relative_path == key:
                 return entry
         named = [(e.key, e.relative_path or str(e.path), lambda e=e: e) for e in entries]
-        if _guarded((demo_model_path() / "config.json").is_file, False):
+        if guarded((demo_model_path() / "config.json").is_file, False):
             named.append((BUILTIN_DEMO, BUILTIN_DEMO, self.builtin_demo))
         named.append((BUILTIN_TINY, BUILTIN_TINY, self.builtin_tiny))
         wanted = key.lower().rstrip("/")
@@ -476,9 +309,9 @@ class Catalog:
     def _folder_entry(self, folder: Path, entries: list[CatalogEntry]) -> CatalogEntry:
         """The entry for ``folder`` (resolved): a listed or built-in model keeps its key; another is keyed by its path."""
         for entry in entries:
-            if _guarded(entry.path.resolve, entry.path) == folder:
+            if guarded(entry.path.resolve, entry.path) == folder:
                 return entry
-        if folder == _guarded(demo_model_path().resolve, None) and (demo := self.builtin_demo()) is not None:
+        if folder == guarded(demo_model_path().resolve, None) and (demo := self.builtin_demo()) is not None:
             return demo
         descriptions, rejections = self._describe_folder(folder)
         if not descriptions:
@@ -510,7 +343,7 @@ class Catalog:
     def builtin_demo(self) -> CatalogEntry | None:
         """The demo model shipped with the package, if this installation has it."""
         path = demo_model_path()
-        if not _guarded((path / "config.json").exists, False):
+        if not guarded((path / "config.json").exists, False):
             return None
         return self.describe(BUILTIN_DEMO, path, BUILTIN_DEMO)
 
