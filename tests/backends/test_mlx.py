@@ -243,3 +243,19 @@ def test_in_the_beginning_keeps_its_leading_space_on_the_demo_model(fresh_kernel
     """The example of the issue: the tokenizer decodes " of the people" after the prompt."""
     result = lms.llm(str(DEMO)).complete("In the beginning", config={"maxTokens": 12, "temperature": 0})
     assert result.content.startswith(" of the people"), result.content
+
+
+def test_a_prompt_longer_than_the_context_draws_no_tokenizer_warning(capfd):
+    # transformers warns about sequences over the model's maximum; the kernel's policy cuts them.
+    import lmkernel as lms
+
+    from ..conftest import TINY_CTX64
+
+    with lms.Client() as client:
+        model = client.llm.load_new_instance(TINY_CTX64)  # a fresh tokenizer: transformers warns once each
+        try:
+            result = model.complete("the cat sat " * 60, config={"maxTokens": 2, "temperature": 0})
+        finally:
+            model.unload()
+    assert result.stats.predicted_tokens_count >= 1
+    assert "Token indices sequence length" not in capfd.readouterr().err

@@ -55,6 +55,7 @@ def internal_frames(exc: BaseException) -> list[str]:
     lambda model: lms.llm("no/such/model"),
     lambda model: model.complete_stream("x", preset="none").result(),
     lambda model: list(model.complete_stream("x", preset="none")),
+    lambda model: [list(stream) for stream in [model.complete_stream("x", config={"maxTokens": 1})] * 2],
 ])
 def test_tracebacks_of_lmkernel_errors_end_at_the_users_call(tiny_model, call):
     model = tiny_model
@@ -121,9 +122,9 @@ def test_the_default_client_works_in_an_atexit_hook():
     (lambda client, model: model.respond_stream("hi"), "Chat"),
     (lambda client, model: model.apply_prompt_template("hi"), "Chat"),
     (lambda client, model: model.act("hi", []), "Tool use"),
-    (lambda client, model: client.embedding, "Embedding"),
-    (lambda client, model: client.files, "File handling"),
-    (lambda client, model: client.repository, "Model download"),
+    (lambda client, model: client.embedding.model("x"), "Embedding"),
+    (lambda client, model: client.files.prepare_file("x.txt"), "File handling"),
+    (lambda client, model: client.repository.search_models("x"), "Model download"),
     (lambda client, model: client.prepare_image("x.png"), "Image input"),
 ])
 def test_methods_of_missing_features_raise_naming_the_feature(tiny_model, use, feature):
@@ -140,3 +141,36 @@ def test_methods_of_missing_features_raise_naming_the_feature(tiny_model, use, f
                     await result
 
     asyncio.run(use_async())
+
+
+def test_namespaces_of_missing_features_exist_and_list_nothing():
+    import inspect as introspect
+
+    with lms.Client() as client:
+        assert hasattr(client, "embedding") and hasattr(client, "files") and hasattr(client, "repository")
+        introspect.getmembers(client)  # introspection does not trip over them
+        assert client.embedding.list_loaded() == [] and client.embedding.list_downloaded() == []
+        assert "not implemented" in repr(client.files)
+
+    async def use_async():
+        async with lms.AsyncClient() as client:
+            assert await client.embedding.list_loaded() == []
+
+    asyncio.run(use_async())
+
+
+def test_a_remote_host_that_does_not_answer_is_named_a_timeout_and_bad_hosts_are_refused():
+    import socket
+
+    from lmkernel.sdk._remote import SocketTransport
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        host = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(lms.LMKernelConnectionError, match=r"did not answer lmkernel's handshake within 0\.5 s"):
+            SocketTransport(host, None, lambda frame: None, lambda reason: None, timeout=0.5)
+    with pytest.raises(lms.LMKernelConnectionError, match="without a scheme, got 'http://127.0.0.1:1234'"):
+        lms.Client("http://127.0.0.1:1234")
+    with pytest.raises(lms.LMKernelConnectionError, match="port is 1 to 65535, got '127.0.0.1:99999'"):
+        lms.Client("127.0.0.1:99999")

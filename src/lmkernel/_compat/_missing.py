@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from ..errors import LMKernelNotImplementedError
 
-__all__ = ["FEATURES", "NOT_IMPLEMENTED", "STUBS", "not_implemented"]
+__all__ = ["FEATURES", "NOT_IMPLEMENTED", "STUBS", "MissingNamespace", "not_implemented"]
 
 # feature -> how the message names it (the message reads "<label> is not implemented ...").
 FEATURES: dict[str, str] = {
@@ -73,6 +73,32 @@ def not_implemented(feature: str, what: str) -> LMKernelNotImplementedError:
         f"{FEATURES[feature]} is not implemented in lmkernel yet: {what} belongs to it. "
         "lmkernel runs text completion: model.complete() and model.complete_stream()."
     )
+
+
+class MissingNamespace:
+    """An API namespace of a missing feature (``client.files``): it exists; calling into it raises.
+
+    Every public attribute is a callable that raises :class:`LMKernelNotImplementedError`
+    naming the feature, so ``hasattr`` and introspection work and use fails where it happens.
+    """
+
+    def __init__(self, feature: str, where: str) -> None:
+        self._feature = feature
+        self._where = where
+
+    def __getattr__(self, attr: str) -> Callable[..., NoReturn]:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        feature, where = self._feature, f"{self._where}.{attr}()"
+
+        def method(*args: Any, **kwargs: Any) -> NoReturn:
+            raise not_implemented(feature, where)
+
+        method.__name__ = method.__qualname__ = attr
+        return method
+
+    def __repr__(self) -> str:
+        return f"<{self._where}: {FEATURES[self._feature]} is not implemented in lmkernel yet>"
 
 
 class _MissingType(type):

@@ -24,6 +24,10 @@ def parse_host(api_host: str) -> tuple[str, int]:
     host, sep, port = api_host.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise LMKernelConnectionError(f"An API host is 'host:port', got {api_host!r}")
+    if "://" in api_host:
+        raise LMKernelConnectionError(f"An API host is 'host:port' without a scheme, got {api_host!r}")
+    if not 0 < int(port) < 65536:
+        raise LMKernelConnectionError(f"An API host's port is 1 to 65535, got {api_host!r}")
     return host.strip("[]"), int(port)
 
 
@@ -70,6 +74,11 @@ class SocketTransport:
         self.send(m.encode(m.Hello(id=0, token=token, client="lmkernel")))
         try:
             reply = self._frames.frame()
+        except TimeoutError:
+            self._sock.close()
+            raise LMKernelConnectionError(
+                f"The server at {api_host} did not answer lmkernel's handshake within {timeout:g} s "
+                "(is it an `lmkernel serve`?)") from None
         except OSError as exc:
             reply = None
             log.debug("handshake failed: %s", exc)

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from .._compat._missing import not_implemented
+from .._compat._missing import MissingNamespace, not_implemented
 from ..kernel import messages as m
 from ..kernel.config import LlmLoadModelConfig, LlmPredictionConfig
 from . import _ops
@@ -94,6 +94,7 @@ class PredictionStream(StreamCore):
                 self._request_cancel()
                 self._state.close_unfinished()
 
+    @public_api
     def __iter__(self) -> _Fragments:
         self._begin_iteration()
         if not self._state.started:
@@ -327,6 +328,19 @@ class _SessionLlm:
         return (self._client._call(_ops.get_info(model_specifier))).info
 
 
+class _EmbeddingSession(MissingNamespace):
+    """``client.embedding``: lmkernel runs no embedding models yet; listing finds none, the rest raises."""
+
+    def __init__(self) -> None:
+        super().__init__("embeddings", "client.embedding")
+
+    def list_loaded(self) -> list[Any]:
+        return []
+
+    def list_downloaded(self) -> list[Any]:
+        return []
+
+
 class Client:
     """A connection to the in-process kernel, or to ``lmkernel serve`` at ``api_host``.
 
@@ -378,19 +392,20 @@ class Client:
         _ops.check_namespace(namespace)
         return [] if namespace == "embedding" else self._llm.list_downloaded()
 
-    # LM Studio's namespaces for features lmkernel lacks: using them raises, naming the feature.
+    # LM Studio's namespaces for features lmkernel lacks: they exist (feature checks such as
+    # hasattr work); using one raises, naming the feature. No embedding model is ever listed.
 
     @property
-    def embedding(self) -> Any:
-        raise not_implemented("embeddings", "client.embedding")
+    def embedding(self) -> _EmbeddingSession:
+        return _EmbeddingSession()
 
     @property
-    def files(self) -> Any:
-        raise not_implemented("files", "client.files")
+    def files(self) -> MissingNamespace:
+        return MissingNamespace("files", "client.files")
 
     @property
-    def repository(self) -> Any:
-        raise not_implemented("repository", "client.repository")
+    def repository(self) -> MissingNamespace:
+        return MissingNamespace("repository", "client.repository")
 
     @public_api
     def prepare_image(self, src: Any, name: str | None = None) -> Any:

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from .._compat._missing import not_implemented
+from .._compat._missing import MissingNamespace, not_implemented
 from ..kernel import messages as m
 from ..kernel.config import LlmLoadModelConfig, LlmPredictionConfig
 from . import _ops
@@ -99,6 +99,7 @@ class AsyncPredictionStream(StreamCore):
                 self._request_cancel()
                 self._state.close_unfinished()
 
+    @public_api
     def __aiter__(self) -> _AsyncFragments:
         self._begin_iteration()
         if not self._state.started:
@@ -332,6 +333,19 @@ class _AsyncSessionLlm:
         return (await self._client._call(_ops.get_info(model_specifier))).info
 
 
+class _AsyncEmbeddingSession(MissingNamespace):
+    """``client.embedding``: lmkernel runs no embedding models yet; listing finds none, the rest raises."""
+
+    def __init__(self) -> None:
+        super().__init__("embeddings", "client.embedding")
+
+    async def list_loaded(self) -> list[Any]:
+        return []
+
+    async def list_downloaded(self) -> list[Any]:
+        return []
+
+
 class AsyncClient:
     """A connection to the in-process kernel, or to ``lmkernel serve`` at ``api_host``.
 
@@ -383,19 +397,20 @@ class AsyncClient:
         _ops.check_namespace(namespace)
         return [] if namespace == "embedding" else await self._llm.list_downloaded()
 
-    # LM Studio's namespaces for features lmkernel lacks: using them raises, naming the feature.
+    # LM Studio's namespaces for features lmkernel lacks: they exist (feature checks such as
+    # hasattr work); using one raises, naming the feature. No embedding model is ever listed.
 
     @property
-    def embedding(self) -> Any:
-        raise not_implemented("embeddings", "client.embedding")
+    def embedding(self) -> _AsyncEmbeddingSession:
+        return _AsyncEmbeddingSession()
 
     @property
-    def files(self) -> Any:
-        raise not_implemented("files", "client.files")
+    def files(self) -> MissingNamespace:
+        return MissingNamespace("files", "client.files")
 
     @property
-    def repository(self) -> Any:
-        raise not_implemented("repository", "client.repository")
+    def repository(self) -> MissingNamespace:
+        return MissingNamespace("repository", "client.repository")
 
     @public_api
     async def prepare_image(self, src: Any, name: str | None = None) -> Any:

@@ -123,7 +123,9 @@ class MLXEngine(Engine):
     def tokenize(self, text: str) -> list[int]:
         bos = self.tokenizer.bos_token
         add_special = bos is None or not text.startswith(bos)
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special))
+        # verbose=False: transformers warns when a prompt is longer than the model's context,
+        # but the kernel's contextOverflowPolicy decides what happens to it.
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special, verbose=False))
 
     def add(self, seq_id: int, prompt_tokens: Sequence[int], sampling: Sampling, max_tokens: int) -> None:
         sampler = None  # None: the batch's shared greedy sampler, one batched argmax
