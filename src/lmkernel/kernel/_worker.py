@@ -40,7 +40,6 @@ from ..plugins.contract import (
     LoadOptions,
     Sampling,
     SequenceEnd,
-    StepEvent,
     Token,
 )
 from ._boundary import (
@@ -50,137 +49,30 @@ from ._boundary import (
     check_tokens,
 )
 from ._context import Budget, Window, fit
+from ._worker_messages import (
+    AddSequence,
+    Admitted,
+    Command,
+    Continued,
+    EngineFailed,
+    Exited,
+    LoadDone,
+    LoadFailed,
+    LoadProgress,
+    Rejected,
+    Reloaded,
+    RemoveSequence,
+    Report,
+    Shutdown,
+    Stepped,
+    Tokenized,
+    TokenizeTexts,
+)
 from .config import ContextOverflowPolicy
-from .messages import StopReason
 
 log = logging.getLogger("lmkernel.kernel")
 
 MAX_CONSECUTIVE_FAILURES = 3
-
-# ---- commands (actor -> worker) -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AddSequence:
-    seq_id: int
-    prompt: str
-    sampling: Sampling
-    max_tokens: int | None
-    policy: ContextOverflowPolicy
-
-
-@dataclass(frozen=True)
-class RemoveSequence:
-    seq_id: int
-
-
-@dataclass(frozen=True)
-class TokenizeTexts:
-    request_id: int
-    texts: list[str]
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    pass
-
-
-Command = AddSequence | RemoveSequence | TokenizeTexts | Shutdown
-
-# ---- reports (worker -> actor) --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadProgress:
-    progress: float
-
-
-@dataclass(frozen=True)
-class LoadDone:
-    context_length: int
-
-
-@dataclass(frozen=True)
-class LoadFailed:
-    error: BaseException
-    doing: str = "while loading"
-
-
-@dataclass(frozen=True)
-class Admitted:
-    """The engine took the sequence: ``prompt_tokens`` as tokenized, ``dropped`` of them cut."""
-
-    seq_id: int
-    prompt_tokens: int
-    budget: Budget
-    dropped: int = 0
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """The prompt does not fit the context and the policy does not cut it."""
-
-    seq_id: int
-    prompt_tokens: int
-    context_length: int
-    policy: ContextOverflowPolicy
-
-
-@dataclass(slots=True)
-class Continued:
-    """A step event of the worker's own: the window of ``seq_id`` filled up, and the worker
-    added it again with ``dropped`` tokens cut (``kept`` left). ``text`` is what the engine
-    flushed when the old sequence ended; ``reason`` the stop reason of the new budget."""
-
-    seq_id: int
-    text: str
-    reason: StopReason
-    kept: int
-    dropped: int
-
-
-@dataclass(frozen=True)
-class Stepped:
-    events: list[StepEvent | Continued]
-
-
-@dataclass(frozen=True)
-class EngineFailed:
-    """The engine raised or broke the contract: ``seq_ids`` fail.
-
-    ``replacing``: the engine is not trusted again; a reload follows (:class:`Reloaded`,
-    or :class:`LoadFailed`). Otherwise (a failed tokenize) only ``seq_ids`` are affected.
-    """
-
-    seq_ids: list[int]
-    error: BaseException
-    doing: str
-    replacing: bool = True
-
-
-@dataclass(frozen=True)
-class Reloaded:
-    """A fresh engine replaced one that failed."""
-
-    context_length: int
-
-
-@dataclass(frozen=True)
-class Tokenized:
-    request_id: int
-    tokens: list[list[int]] | None
-    error: BaseException | None = None
-
-
-@dataclass(frozen=True)
-class Exited:
-    pass
-
-
-Report = (
-    LoadProgress | LoadDone | LoadFailed | Admitted | Rejected | Stepped | EngineFailed | Reloaded | Tokenized | Exited
-)
-
 
 @dataclass(eq=False, slots=True)
 class _Sequence:
