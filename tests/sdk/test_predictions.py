@@ -82,6 +82,13 @@ def test_load_config_context_length_limits_the_instance():
             client.llm.load_new_instance(TINY, config={"contextLength": 5000})
 
 
+def test_the_load_config_reports_the_context_length_also_when_not_asked_for(tiny_model):
+    # As LM Studio's get_load_config(): the instance's context length, not None.
+    assert tiny_model.get_load_config().context_length == tiny_model.get_context_length() == 4096
+    result = tiny_model.complete("The cat", config={"maxTokens": 1})
+    assert result.load_config.context_length == 4096
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [

@@ -234,7 +234,7 @@ class ModelActor:
             case UnloadMsg(peer, request_id):
                 self.unload(peer, request_id)
             case InfoMsg(peer, request_id):
-                peer.send(InstanceInfo(id=request_id, info=self.info, load_config=self.load_config.to_dict()))
+                peer.send(InstanceInfo(id=request_id, info=self.info, load_config=self.reported_load_config()))
             case _Wake():
                 pass
 
@@ -282,13 +282,20 @@ class ModelActor:
             case w.Exited():
                 self._exited()
 
+    def reported_load_config(self) -> dict:
+        """The load config as it runs: ``contextLength`` is the instance's, also when not asked for."""
+        reported = self.load_config.to_dict()
+        if self.state != "loading":
+            reported["contextLength"] = self.info.context_length
+        return reported
+
     def _loaded(self, context_length: int) -> None:
         self.info = msgspec.structs.replace(self.info, context_length=context_length)
         self.state = "ready"
         self._touch()
         for waiter in self.load_waiters:
             waiter.progress(1.0)
-            waiter.peer.send(Loaded(id=waiter.request_id, info=self.info, load_config=self.load_config.to_dict()))
+            waiter.peer.send(Loaded(id=waiter.request_id, info=self.info, load_config=self.reported_load_config()))
         self.load_waiters.clear()
         self._admit()
 
@@ -322,7 +329,7 @@ class ModelActor:
             )))
             return
         sampling = sampling_from_config(config, declared=self.backend.prediction_keys)
-        run = PredictionRun(request_id, config, sampling, peer.send, self.info.model_info(), self.load_config)
+        run = PredictionRun(request_id, config, sampling, peer.send, self.info.model_info(), self.reported_load_config())
         self._runs[seq_id] = _Running(peer, run)
         self._waiting.add(w.AddSequence(seq_id, prompt, sampling, run.max_tokens, policy_of(config)), peer)
         self._admit()

@@ -323,7 +323,7 @@ class Kernel:
             ready = [a for a in self._actors if a.state == "ready"]
             if ready:
                 peer.send(m.Loaded(id=request.id, info=ready[0].info, already_loaded=True,
-                                   load_config=ready[0].load_config.to_dict()))
+                                   load_config=ready[0].reported_load_config()))
                 return
         if request.model is not None and not request.new_instance:
             actor = self._find(request.model)
@@ -375,7 +375,7 @@ class Kernel:
         if actor.state in ("ready", "reloading"):
             waiter.progress(1.0)
             peer.send(m.Loaded(id=request_id, info=actor.info, already_loaded=True,
-                               load_config=actor.load_config.to_dict()))
+                               load_config=actor.reported_load_config()))
         else:
             actor.load_waiters.append(waiter)
 
