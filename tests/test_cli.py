@@ -182,15 +182,15 @@ def test_stop_escapes():
         assert str(caught.value).startswith(shown)
 
 
-def test_stop_newline_escape_stops_at_the_first_newline():
-    done = lmkernel("complete", "In the beginning", "--model", DEMO, "--max-tokens", "200", "--temperature", "0",
-                    "--stop", r"\n")
+def test_stop_strings_escaped_and_plain_stop_the_completion():
+    args = ("complete", "The cat in the", "--model", DEMO, "--max-tokens", "200", "--temperature", "0")
+    unstopped = lmkernel(*args)
+    assert unstopped.returncode == 0, unstopped.stderr
+    assert "," in unstopped.stdout, unstopped.stdout  # greedy, the demo writes a comma in its verse
+    done = lmkernel(*args, "--stop", r"\n", "--stop", ",")
     assert done.returncode == 0, done.stderr
     assert "stop reason: stopStringFound" in done.stderr
-    assert done.stdout.endswith("\n") and "\n" not in done.stdout[:-1] and done.stdout.strip()
-    unstopped = lmkernel("complete", "In the beginning", "--model", DEMO, "--max-tokens", "200",
-                         "--temperature", "0")
-    assert unstopped.stdout.startswith(done.stdout[:-1] + "\n")  # the same text, stopped at its first newline
+    assert done.stdout == unstopped.stdout[: unstopped.stdout.index(",")] + "\n"  # cut before the stop string
 
 
 def test_backend_option_picks_the_backend():

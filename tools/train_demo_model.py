@@ -5,7 +5,7 @@
 
 Deterministic from ``--seed`` (same steps, same batches; float sums on several BLAS threads
 can still differ in the last bits). The shipped model came from
-``--steps 1200`` (32 x 128 tokens a step): about 25 minutes on 2 CPU cores with OpenBLAS. It writes a Hugging Face-format folder
+``--steps 1200`` (32 x 128 tokens a step): 25 to 45 minutes on 2 CPU cores with OpenBLAS. It writes a Hugging Face-format folder
 (config, float16 safetensors, tokenizer) with a model card, and a held-out sample of the
 text that the tests measure perplexity on.
 """
@@ -73,7 +73,10 @@ def main() -> None:
     train = [v for i, v in enumerate(verses) if i % 50]
     tok = train_bpe_tokenizer(train, args.vocab)
     vocab = tok.get_vocab_size()
-    stream = np.array([t for v in train for t in tok.encode(v + "\n").ids[1:]], dtype=np.int32)
+    # Each verse is a text of its own: it ends with the end-of-text token, so the model learns to
+    # end its output (a completion stops on its own, as a real model's does).
+    eos_id = tok.token_to_id("</s>")
+    stream = np.array([t for v in train for t in [*tok.encode(v).ids[1:], eos_id]], dtype=np.int32)
     print(f"{len(verses)} verses, {len(stream):,} training tokens, vocab {vocab}", flush=True)
 
     config = ModelArgs(
@@ -117,7 +120,7 @@ def main() -> None:
     def perplexity(model) -> float:
         total, count = 0.0, 0
         for verse in held_out:
-            ids = tok.encode(verse + "\n").ids
+            ids = [*tok.encode(verse).ids, eos_id]
             inputs, targets = mx.array([ids[:-1]]), mx.array([ids[1:]])
             total += nn.losses.cross_entropy(model(inputs), targets, reduction="sum").item()
             count += len(ids) - 1
@@ -174,11 +177,11 @@ It exists so that a fresh `pip install lmkernel[mlx]` can complete text offline.
 |---|---|
 | architecture | Llama ({info['parameters']:,} parameters), float16 weights, context 1,024 tokens |
 | tokenizer | byte-level BPE, 2,048 tokens, trained on the same text |
-| data | {info['source']}; every 50th verse held out |
+| data | {info['source']}; every 50th verse held out; each verse a text of its own, ended by `</s>`, so a completion ends with its verse |
 | licence of the data | {info['licence']} |
 | training | {info['steps']} steps of {info['batch']} x {info['sequence']} tokens (AdamW, peak lr {info['learning_rate']}), seed {info['seed']}, MLX on 2 CPU cores, {info['train_seconds'] / 60:.0f} minutes |
 | training tokens | {info['training_tokens']:,} (about {info['steps'] * info['batch'] * info['sequence'] / info['training_tokens']:.1f} passes) |
-| held-out perplexity | {info['heldout_perplexity']} over {info['heldout_verses']} verses (a random model of this shape: about the vocabulary size, 2,048, or worse) |
+| held-out perplexity | {info['heldout_perplexity']} over {info['heldout_verses']} verses, their end token included (a random model of this shape: about the vocabulary size, 2,048, or worse) |
 | size | {size_mb:.1f} MB |
 
 Rebuild it with `apt-get install bible-kjv` and

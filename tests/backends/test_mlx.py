@@ -239,10 +239,17 @@ def test_content_is_the_tokenizers_decode_after_the_prompt(fresh_kernel, model, 
     assert any(c.startswith(" ") for c in continuations), continuations  # the leading-space case was met
 
 
-def test_in_the_beginning_keeps_its_leading_space_on_the_demo_model(fresh_kernel):
-    """The example of the issue: the tokenizer decodes " of the people" after the prompt."""
-    result = lms.llm(str(DEMO)).complete("In the beginning", config={"maxTokens": 12, "temperature": 0})
-    assert result.content.startswith(" of the people"), result.content
+def test_a_continuation_that_starts_with_a_space_keeps_it_on_the_demo_model(fresh_kernel):
+    """The issue's case: the tokenizer decodes " land of ..." after the prompt; so must the content."""
+    from transformers import AutoTokenizer
+
+    prompt = "The cat in the"
+    tok = AutoTokenizer.from_pretrained(str(DEMO))
+    result = lms.llm(str(DEMO)).complete(prompt, config={"maxTokens": 12, "temperature": 0})
+    assert result.content.startswith(" "), result.content
+    ids = tok.encode(prompt)
+    generated = tok.encode(prompt + result.content)[len(ids):]
+    assert tok.decode(ids + generated, skip_special_tokens=True) == prompt + result.content
 
 
 def test_a_prompt_longer_than_the_context_draws_no_tokenizer_warning(capfd):

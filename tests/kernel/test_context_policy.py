@@ -303,8 +303,8 @@ def test_a_prompt_cut_at_admission_generates_what_the_cut_text_alone_would(model
 @pytest.mark.parametrize("policy", CUTTING)
 @pytest.mark.parametrize(("model", "prompt", "max_tokens"), [
     (MODELS / TINY_CTX64, "The cat sat on the mat", 100),
-    pytest.param(DEMO, "And God said, Let there be light", 1100, marks=needs_demo),
-], ids=["tiny-ctx64", "demo"])
+    (MODELS / TINY_CTX64, "the dog ran", 300),  # random weights never end their text: many cuts
+], ids=["tiny-ctx64", "tiny-ctx64-many-cuts"])
 def test_after_a_cut_the_engine_generates_what_the_cut_text_alone_would(model, prompt, max_tokens, policy):
     backend = _Recording()
     worker = _Worker(backend, model)
@@ -411,24 +411,24 @@ def test_predictions_cut_side_by_side_match_each_alone():
 @pytest.mark.slow
 @needs_demo
 def test_terminal_sim_runs_a_long_session_on_the_demo_model():
-    """LM Studio's terminal-sim.py example, 30 commands, the default policy, the 1,024-token demo.
+    """LM Studio's terminal-sim.py example, 80 commands, the default policy, the 1,024-token demo.
 
-    The example's loop and config; ``maxTokens`` is added because the demo (a King James
-    model) never writes ``$`` nor ends its text: without a limit one command would run on.
+    The example's loop and config, unchanged: each answer ends at the model's end of text (the
+    demo, a King James model, ends a verse with it) or at a ``$``.
     """
     model = lms.llm(BUILTIN_DEMO)
     assert model.get_context_length() == 1024
     commands = ["ls", "cd /home", "cat genesis.txt", "echo hello", "grep light *", "pwd", "whoami", "date",
-                "ls -la", "cat exodus.txt"] * 3
+                "ls -la", "cat exodus.txt"] * 8
     console_history: list[str] = []
     for user_command in commands:
         console_history.append(f"$ {user_command}")
         history_prompt = "\n".join(console_history)
-        prediction_stream = model.complete_stream(history_prompt, config={"stopStrings": ["$"], "maxTokens": 80})
+        prediction_stream = model.complete_stream(history_prompt, config={"stopStrings": ["$"]})
         fragments = [fragment.content for fragment in prediction_stream]
         result = prediction_stream.result()
         assert result.content == "".join(fragments)
-        assert result.stats.stop_reason in ("stopStringFound", "eosFound", "maxPredictedTokensReached")
+        assert result.stats.stop_reason in ("stopStringFound", "eosFound")
         assert result.stats.prompt_tokens_count == model.count_tokens(history_prompt)
         console_history.append(result.content)
     history_prompt = "\n".join(console_history)
