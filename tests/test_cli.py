@@ -261,3 +261,15 @@ def test_cli_uses_only_public_modules():
     source = Path(lmkernel.cli.__file__).read_text(encoding="utf-8")
     private = sorted(set(re.findall(r"(?:from|import) (\S*\._\w+)", source)) - {"._version"})
     assert private == [], private
+
+
+def test_models_says_when_lmkernel_models_names_no_folder_or_a_model_folder(tmp_path):
+    from .conftest import MODELS
+
+    missing = tmp_path / "nowhere"
+    model_folder = MODELS / TINY  # a model folder itself, not a folder of models
+    done = lmkernel("models", LMKERNEL_MODELS=os.pathsep.join([str(MODELS), str(missing), str(model_folder)]))
+    assert done.returncode == 0, done.stderr
+    assert f"LMKERNEL_MODELS names {str(missing)!r}, which is not a folder" in done.stderr
+    assert f"LMKERNEL_MODELS names {str(model_folder)!r}, which is a model folder itself" in done.stderr
+    assert f"names {str(MODELS)!r}" not in done.stderr  # the right kind of entry draws no note

@@ -161,6 +161,22 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _models_folder_notes() -> list[str]:
+    """Say what is wrong with each ``LMKERNEL_MODELS`` entry that cannot hold models."""
+    import os
+    from pathlib import Path
+
+    notes = []
+    for entry in filter(None, os.environ.get("LMKERNEL_MODELS", "").split(os.pathsep)):
+        folder = Path(entry).expanduser()
+        if not folder.is_dir():
+            notes.append(f"LMKERNEL_MODELS names {entry!r}, which is not a folder: no models are found there.")
+        elif (folder / "config.json").is_file() or any(folder.glob("*.gguf")):
+            notes.append(f"LMKERNEL_MODELS names {entry!r}, which is a model folder itself: LMKERNEL_MODELS lists "
+                         "folders that hold model folders (name its parent), or load it by its path.")
+    return notes
+
+
 def _models(args: argparse.Namespace) -> int:
     import lmkernel as lms
 
@@ -188,6 +204,8 @@ def _models(args: argparse.Namespace) -> int:
     print(f"Backends that can run here: {', '.join(available) or 'none'}"
           + (f"; not here: {', '.join(unavailable)} (lmkernel backends says why)." if unavailable else "."))
     sys.stdout.flush()
+    for note in _models_folder_notes():
+        print(note, file=sys.stderr)
     if all(info.model_key.startswith("lmkernel/") for info in models):
         print("Only lmkernel's own models: set LMKERNEL_MODELS to a folder of Hugging Face-format models.",
               file=sys.stderr)
