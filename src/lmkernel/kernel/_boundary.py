@@ -20,7 +20,7 @@ from ..plugins.contract import (
     StepEvent,
     Token,
 )
-from .config import INT64_MAX, show, unicode_problem
+from ._values import INT64_MAX, show, unicode_problem
 from .messages import ModelFormat
 
 _FORMATS = frozenset(typing.get_args(ModelFormat))

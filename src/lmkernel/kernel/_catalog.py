@@ -45,7 +45,7 @@ from ..plugins.contract import Backend, ModelDescription, ModelRejected
 from ._boundary import check_description
 from ._describer import DESCRIBE_TIMEOUT, Describer, DescribeHung, text_of
 from ._folders import cache_dir, candidates, demo_model_path, existing_folder, folder_problem, guarded, model_roots
-from .config import show, unicode_problem
+from ._values import show, unicode_problem
 from .messages import LlmInfo
 
 log = logging.getLogger("lmkernel")
