@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Generate the sync facade from the async one: ``sdk/async_api.py`` -> ``sdk/_sync_facade.py``.
+"""Generate the sync facade from the async one: ``sdk/async_api.py`` -> ``sdk/_sync_facade.py``
+and ``sdk/_async_stream.py`` -> ``sdk/_sync_stream.py``.
 
 The client API is written once, async. This script writes its sync twin by rewriting
 tokens: ``async``/``await`` are dropped, ``AsyncX``/``_AsyncX`` become ``X``/``_X``, the
@@ -22,20 +23,27 @@ import tokenize
 from pathlib import Path
 
 SDK = Path(__file__).resolve().parent.parent / "src" / "lmkernel" / "sdk"
-SOURCE = SDK / "async_api.py"
-TARGET = SDK / "_sync_facade.py"
-
 HEADER = (
-    "# Generated from async_api.py by tools/unasync.py: do not edit. Change async_api.py and run\n"
+    "# Generated from {source} by tools/unasync.py: do not edit. Change {source} and run\n"
     "# `python tools/unasync.py`; tests/sdk/test_facade_drift.py fails while the two differ.\n"
     "# ruff: noqa: I001 - the imports are the async source's, renamed\n"
 )
-DOCSTRING = '''"""The synchronous client API: ``Client``, ``LLM``, ``PredictionStream``, ``DownloadedLlm``.
+DOCSTRING = '''"""The synchronous client API: ``Client``, ``LLM``, ``DownloadedLlm``.
 
 Generated from the async facade (``async_api.py``), its one source. Each call hands a request
 to the kernel and blocks the calling thread until the answer (at most
 ``get_sync_api_timeout()`` seconds per answer, unless the request is queued behind others).
 """'''
+STREAM_DOCSTRING = '''"""A running prediction, sync: ``PredictionStream`` and its iterator.
+
+Generated from ``_async_stream.py``, its one source; the stream's state is :class:`StreamCore`.
+"""'''
+#: (async source, generated sync twin, the twin's module docstring)
+PAIRS = [
+    (SDK / "async_api.py", SDK / "_sync_facade.py", DOCSTRING),
+    (SDK / "_async_stream.py", SDK / "_sync_stream.py", STREAM_DOCSTRING),
+]
+SOURCE, TARGET = PAIRS[0][0], PAIRS[0][1]
 
 NAMES = {
     "__aenter__": "__enter__",
@@ -47,6 +55,7 @@ NAMES = {
     "StopAsyncIteration": "StopIteration",
     "AsyncIterator": "Iterator",
     "_async_io": "_sync_io",
+    "_async_stream": "_sync_stream",
 }
 _ASYNC_NAME = re.compile(r"^(_?)Async([A-Z]\w*)$")
 _IN_TEXT = re.compile(r"\b(?:async|await) |\b(_?)Async([A-Z]\w*)|\b(?:" + "|".join(map(re.escape, NAMES)) + r")\b")
@@ -73,8 +82,8 @@ def rewrite_text(text: str) -> str:
     return _IN_TEXT.sub(one, text)
 
 
-def convert(source: str) -> str:
-    """The sync facade for the async source ``source``."""
+def convert(source: str, docstring: str = DOCSTRING, name: str = "async_api.py") -> str:
+    """The sync twin of the async source ``source`` (named ``name``), with ``docstring``."""
     starts = [0]
     for line in source.splitlines(keepends=True):
         starts.append(starts[-1] + len(line))
@@ -99,7 +108,7 @@ def convert(source: str) -> str:
         elif token.type == tokenize.NAME:
             text = rename(text)
         elif token.type == tokenize.STRING and not docstring_done:
-            text, docstring_done = DOCSTRING, True
+            text, docstring_done = docstring, True
         elif token.type in (tokenize.STRING, tokenize.COMMENT):
             text = rewrite_text(text)
         if token.type not in (tokenize.ENCODING, tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE) and not docstring_done:
@@ -107,23 +116,25 @@ def convert(source: str) -> str:
         out.append(text)
         pos = end
     out.append(source[pos:])
-    return HEADER + "".join(out)
+    return HEADER.format(source=name) + "".join(out)
 
 
 def main(argv: list[str]) -> int:
-    generated = convert(SOURCE.read_text(encoding="utf-8"))
-    if "--check" in argv:
-        current = TARGET.read_text(encoding="utf-8") if TARGET.exists() else ""
-        if current == generated:
-            return 0
-        sys.stdout.writelines(difflib.unified_diff(
-            current.splitlines(keepends=True), generated.splitlines(keepends=True),
-            str(TARGET), f"{TARGET} (generated from {SOURCE.name})",
-        ))
-        print(f"\n{TARGET.name} is out of date: run `python tools/unasync.py`", file=sys.stderr)
-        return 1
-    TARGET.write_text(generated, encoding="utf-8")
-    return 0
+    stale = 0
+    for source, target, docstring in PAIRS:
+        generated = convert(source.read_text(encoding="utf-8"), docstring, source.name)
+        if "--check" not in argv:
+            target.write_text(generated, encoding="utf-8")
+            continue
+        current = target.read_text(encoding="utf-8") if target.exists() else ""
+        if current != generated:
+            stale += 1
+            sys.stdout.writelines(difflib.unified_diff(
+                current.splitlines(keepends=True), generated.splitlines(keepends=True),
+                str(target), f"{target} (generated from {source.name})",
+            ))
+            print(f"\n{target.name} is out of date: run `python tools/unasync.py`", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
