@@ -18,11 +18,7 @@ import msgspec
 import trio
 
 from ..errors import (
-    LMKernelBackendUnavailableError,
     LMKernelError,
-    LMKernelModelExistsError,
-    LMKernelUnsupportedConfigError,
-    LMKernelValueError,
 )
 from ..plugins.contract import Backend
 from ..plugins.discovery import Discovery, discover
@@ -32,17 +28,13 @@ from ._catalog import Catalog, CatalogEntry
 from ._failures import internal_error, request_error
 from ._limits import catalog_timeout
 from ._mailbox import CancelMsg, InfoMsg, Peer, PredictMsg, TokenizeMsg, UnloadMsg
+from ._placement import check_load_config, check_supported, choose_backend, new_identifier
 from ._worker import Shutdown
 from .config import (
-    KERNEL_LOAD_KEYS,
-    KERNEL_PREDICTION_KEYS,
-    LlmLoadModelConfig,
-    LlmPredictionConfig,
     check_identifier,
     check_ttl,
     parse_load_config,
     parse_prediction_config,
-    set_keys,
 )
 
 log = logging.getLogger("lmkernel.kernel")
@@ -286,24 +278,13 @@ class Kernel:
             return
         try:
             config = parse_prediction_config(request.config)
-            self._check_supported(config, actor)
+            check_supported(config, actor.backend, actor.info.identifier)
         except LMKernelError as exc:
             peer.send(m.Failed(id=request.id, error=request_error(exc, model=actor.info.identifier)))
             return
         seq_id = next(seq_ids)
         peer.predictions[request.id] = (actor, seq_id)  # so a cancel right behind it finds it
         actor.submit(PredictMsg(peer, request.id, seq_id, request.prompt, config))
-
-    @staticmethod
-    def _check_supported(config: LlmPredictionConfig, actor: ModelActor) -> None:
-        backend = actor.backend
-        unsupported = sorted(set_keys(config) - KERNEL_PREDICTION_KEYS - backend.prediction_keys)
-        if unsupported:
-            raise LMKernelUnsupportedConfigError(
-                f"Prediction config key(s) {', '.join(map(repr, unsupported))} are not supported by "
-                f"backend {backend.name!r} (model {actor.info.identifier!r}); supported keys: "
-                f"{', '.join(sorted(KERNEL_PREDICTION_KEYS | backend.prediction_keys))}"
-            )
 
     # ---- loading -----------------------------------------------------------------------
 
@@ -339,9 +320,9 @@ class Kernel:
             if actor is not None:
                 self._join(actor, peer, request.id)
                 return
-        backend = self._choose_backend(entry, config)
-        self._check_load_config(entry, backend, config)
-        identifier = self._new_identifier(entry.key, request.identifier)
+        backend = choose_backend(self.discovery, entry, config)
+        check_load_config(entry, backend, config)
+        identifier = new_identifier({a.info.identifier for a in self._actors}, entry.key, request.identifier)
         self._ended.pop(identifier, None)
         desc = entry.descriptions[backend.name]
         info = m.LlmInstanceInfo(
@@ -378,61 +359,6 @@ class Kernel:
                                load_config=actor.reported_load_config()))
         else:
             actor.load_waiters.append(waiter)
-
-    def _choose_backend(self, entry: CatalogEntry, config: LlmLoadModelConfig) -> Backend:
-        if config.backend is not None:
-            status = self.discovery.get(config.backend)
-            if status is None or status.backend is None:
-                known = ", ".join(s.name for s in self.discovery.statuses) or "none"
-                raise LMKernelValueError(f"Unknown backend {config.backend!r} in load config (known: {known})")
-            if not status.availability.available:
-                raise LMKernelBackendUnavailableError(
-                    f"Backend {config.backend!r} cannot run here: {status.availability.reason}"
-                )
-            if config.backend not in entry.descriptions:
-                raise LMKernelBackendUnavailableError(
-                    f"Backend {config.backend!r} cannot load model {entry.key!r} ({entry.path})"
-                )
-            return status.backend
-        for backend in self.discovery.available:
-            if backend.name in entry.descriptions:
-                return backend
-        reasons = "; ".join(
-            f"{name}: {self.discovery.get(name).availability.reason}"
-            for name in entry.descriptions
-            if self.discovery.get(name) is not None
-        )
-        raise LMKernelBackendUnavailableError(
-            f"No available backend can run model {entry.key!r} on this machine ({reasons or 'none accepts it'})"
-        )
-
-    @staticmethod
-    def _check_load_config(entry: CatalogEntry, backend: Backend, config: LlmLoadModelConfig) -> None:
-        unsupported = sorted(set_keys(config) - KERNEL_LOAD_KEYS - backend.load_keys)
-        if unsupported:
-            raise LMKernelUnsupportedConfigError(
-                f"Load config key(s) {', '.join(map(repr, unsupported))} are not supported by backend "
-                f"{backend.name!r}; supported keys: {', '.join(sorted(KERNEL_LOAD_KEYS | backend.load_keys))}"
-            )
-        limit = entry.descriptions[backend.name].max_context_length
-        if config.context_length is not None and config.context_length > limit:
-            raise LMKernelUnsupportedConfigError(
-                f"Invalid load config value for 'contextLength': model {entry.key!r} supports at most "
-                f"{limit} tokens, got {config.context_length}"
-            )
-
-    def _new_identifier(self, key: str, wanted: str | None) -> str:
-        taken = {a.info.identifier for a in self._actors}
-        if wanted is not None:
-            if wanted in taken:
-                raise LMKernelModelExistsError(f"A model instance with identifier {wanted!r} already exists")
-            return wanted
-        if key not in taken:
-            return key
-        n = 2
-        while f"{key}:{n}" in taken:
-            n += 1
-        return f"{key}:{n}"
 
     async def _list_downloaded(self, peer: Peer, request: m.ListDownloaded) -> None:
         def listing() -> list[CatalogEntry]:
