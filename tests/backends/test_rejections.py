@@ -50,7 +50,7 @@ def test_a_missing_path(tmp_path):
 
 
 def test_a_file_instead_of_a_folder(folder):
-    assert why(folder / "config.json") == f"No model folder at {str(folder / 'config.json')!r}: it is not a folder"
+    assert why(folder / "config.json") == f"No model folder at {str(folder / 'config.json')!r}: it is not a folder or a .gguf file"
 
 
 def test_no_config_json(tmp_path):

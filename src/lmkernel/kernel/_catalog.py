@@ -4,12 +4,14 @@ The model folders: the ``LMKERNEL_MODELS`` path list, LM Studio's models folder 
 Hugging Face hub cache (``LMKERNEL_NO_DEFAULT_FOLDERS=1`` keeps only ``LMKERNEL_MODELS``).
 A folder is a model when some backend's :meth:`~lmkernel.plugins.Backend.describe` accepts it.
 
-Names follow LM Studio; ``docs/models.md`` states the rule and its reasons. A model's
-``path`` is its folder relative to its models folder (``publisher/repo``; in the Hugging Face
-cache, the repository id), its ``model_key`` the last part of that path, lower-cased; a key
-already taken goes to the first model (folders in order, then paths sorted), a later one is
-keyed by its path. A key resolves as: an explicit path (absolute, ``~``, ``./``, ``../``), a
-built-in key, a model's key, its path, the one model it names ignoring case (or a trailing part
+Names follow LM Studio; ``docs/models.md`` states the rule and its reasons. A model is a folder
+or a GGUF file. Its ``path`` is where it lies relative to its models folder (``publisher/repo``,
+``publisher/repo/file.gguf``; in the Hugging Face cache, the repository id), its ``model_key``
+the last part of that path, lower-cased (a GGUF file: its repository's name without ``-GGUF``,
+and ``@quantization`` when the repository holds several); a key already taken goes to the first
+model (folders in order, then paths sorted), a later one is keyed by its path. A key resolves as:
+an explicit path (absolute, ``~``, ``./``, ``../``), a built-in key, a model's key, its path, a
+GGUF repository's first quantization, the one model it names ignoring case (or a trailing part
 of its path), and last a folder relative to the working directory. A folder outside the model
 folders is named by its absolute path.
 
@@ -33,8 +35,10 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import shutil
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +48,16 @@ from ..errors import LMKernelModelNotFoundError, LMKernelValueError
 from ..plugins.contract import Backend, ModelDescription, ModelRejected
 from ._boundary import check_description
 from ._describer import DESCRIBE_TIMEOUT, Describer, DescribeHung, text_of
-from ._folders import cache_dir, candidates, demo_model_path, existing_folder, folder_problem, guarded, model_roots
+from ._folders import (
+    cache_dir,
+    candidates,
+    demo_model_path,
+    existing_folder,
+    folder_problem,
+    guarded,
+    is_gguf,
+    model_roots,
+)
 from ._values import show, unicode_problem
 from .messages import LlmInfo
 
@@ -79,9 +92,29 @@ def check_key(key: Any) -> str:
     return key
 
 
-def model_key(path: str) -> str:
-    """The key LM Studio gives the model at ``path`` (relative to its models folder): its last part, lower-cased."""
-    return path.rstrip("/").rsplit("/", 1)[-1].lower()
+def model_key(path: str, variant: bool = False) -> str:
+    """The key LM Studio gives the model at ``path`` (relative to its models folder).
+
+    A folder: its last part, lower-cased. A GGUF file ``publisher/repo/file.gguf``: the repository's
+    name without its ``-GGUF`` suffix, lower-cased (a file alone in a models folder: its name without
+    ``.gguf``); with ``variant`` (the repository holds several GGUF models), ``@`` and the file's
+    quantization as its name gives it (``smollm2-135m-instruct@q4_1``).
+    """
+    parts = path.rstrip("/").split("/")
+    if not parts[-1].lower().endswith(".gguf"):
+        return parts[-1].lower()
+    stem = _SPLIT_SUFFIX.sub("", parts[-1][: -len(".gguf")])
+    base = _GGUF_SUFFIX.sub("", parts[-2]) if len(parts) > 1 else stem
+    if not variant:
+        return base.lower()
+    quant = _QUANT.search(stem)
+    return f"{base.lower()}@{(quant.group(1) if quant else stem).lower()}"
+
+
+_SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$", re.IGNORECASE)
+_GGUF_SUFFIX = re.compile(r"[-_.]gguf$", re.IGNORECASE)
+#: The quantization named at the end of a GGUF file's name: ``Q4_K_M``, ``IQ2_XXS``, ``Q8_0``, ``F16``, ``BF16``.
+_QUANT = re.compile(r"(?:^|[-_.])((?:I?Q\d[A-Z0-9_]*)|B?F16|F32)$", re.IGNORECASE)
 
 
 def is_explicit_path(key: str) -> bool:
@@ -210,8 +243,12 @@ class Catalog:
         folders: set[Path] = set()
         found: list[CatalogEntry] = []
         for root, layout in self._roots if self._roots is not None else model_roots():
-            for relative, folder in candidates(root, layout):
+            listed = list(candidates(root, layout))
+            ggufs_in = Counter(relative.rpartition("/")[0] for relative, path in listed if is_gguf(path))
+            for relative, folder in listed:
                 if relative in paths:
+                    if relative == BUILTIN_TINY and folder == cache_dir() / "models" / BUILTIN_TINY:
+                        continue  # the built-in model's own folder, in lmkernel's models folder
                     if relative in (BUILTIN_DEMO, BUILTIN_TINY):
                         self._warn_once("", f"Skipped the model folder {str(folder)!r}: {relative!r} names a built-in model")
                     continue
@@ -224,7 +261,8 @@ class Catalog:
                 descriptions, rejections = self._describe_folder(folder)
                 if not descriptions:
                     continue
-                key = next((k for k in (model_key(relative), relative, str(folder)) if k not in keys), str(real))
+                variant = is_gguf(folder) and ggufs_in[relative.rpartition("/")[0]] > 1
+                key = next((k for k in (model_key(relative, variant), relative, str(folder)) if k not in keys), str(real))
                 keys.add(key)
                 paths.add(relative)
                 folders.add(real)
@@ -280,6 +318,9 @@ class Catalog:
         for entry in entries:
             if entry.relative_path == key:
                 return entry
+        for entry in entries:  # a GGUF repository with several quantizations: its first, as LM Studio
+            if entry.key.startswith(key + "@") and is_gguf(entry.path):
+                return entry
         named = [(e.key, e.relative_path or str(e.path), lambda e=e: e) for e in entries]
         if guarded((demo_model_path() / "config.json").is_file, False):
             named.append((BUILTIN_DEMO, BUILTIN_DEMO, self.builtin_demo))
@@ -302,8 +343,8 @@ class Catalog:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise LMKernelModelNotFoundError(
             f"No model matches the key {show(key)}.{hint} Available: {', '.join(shown)}"
-            " (folders searched: LMKERNEL_MODELS, LM Studio's models folder, the Hugging Face cache;"
-            " a path to a model folder works too)"
+            " (folders searched: LMKERNEL_MODELS, lmkernel's models folder, LM Studio's, the Hugging Face cache;"
+            " a path to a model folder or .gguf file works too)"
         )
 
     def _folder_entry(self, folder: Path, entries: list[CatalogEntry]) -> CatalogEntry:
