@@ -1,4 +1,4 @@
-"""The MLX backend: Hugging Face–format models through mlx-lm.
+"""The MLX backend: Hugging Face–format models through mlx-lm, and GGUF files MLX can read.
 
 Runs on Apple Silicon (Metal) and on Linux CPUs (``mlx[cpu]``, float32, OpenBLAS when the
 machine has it). Importing this module is cheap: MLX and mlx-lm are imported when a model
@@ -32,6 +32,7 @@ from ...plugins.contract import (
     read_config,
 )
 from . import _blas
+from ._gguf import read_header
 
 __all__ = ["MLXBackend", "backend"]
 
@@ -257,7 +258,7 @@ def _params_string(n: int) -> str:
 
 
 class MLXBackend(Backend):
-    """Loads Hugging Face–format folders with mlx-lm; one worker thread per model."""
+    """Loads Hugging Face–format folders with mlx-lm, and GGUF files of Llamas in types MLX reads; one worker thread per model."""
 
     name = "mlx"
     prediction_keys = frozenset(
@@ -276,6 +277,16 @@ class MLXBackend(Backend):
         return Availability(True, notes=f"{device}; BLAS: {_blas.describe()}; continuous batching (mlx-lm BatchGenerator)")
 
     def describe(self, path: Path) -> ModelDescription:
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            info = read_header(path)  # raises ModelRejected unless MLX can run it (see _gguf.py)
+            return ModelDescription(
+                architecture=info.architecture,
+                format="gguf",
+                max_context_length=info.context_length or 4096,
+                size_bytes=path.stat().st_size,
+                params_string=_params_string(info.parameter_count),
+                display_name=info.name,
+            )
         config = read_config(path)
         weights = sorted(path.glob("model*.safetensors"))
         if not weights:

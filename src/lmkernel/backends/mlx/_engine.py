@@ -33,6 +33,7 @@ from ...plugins.contract import (
     Token,
 )
 from ...plugins.detokenize import IncrementalDetokenizer
+from ._gguf import load_gguf
 
 DEFAULT_PREFILL_STEP = 512
 DEFAULT_MAX_BATCH = 16
@@ -197,10 +198,17 @@ class MLXEngine(Engine):
 
 
 def load_engine(path: Path, options: LoadOptions, on_progress: Callable[[float], None]) -> MLXEngine:
-    """Load ``path`` with mlx-lm (weights evaluated layer by layer, with progress)."""
+    """Load ``path`` with mlx-lm (weights evaluated layer by layer, with progress).
+
+    ``path`` is a Hugging Face folder, or a GGUF file (:mod:`._gguf` maps it to mlx-lm's Llama).
+    """
     on_progress(0.05)
-    model, tokenizer, config = mlx_load(str(path), lazy=True, return_config=True)
-    if mx.default_device() == mx.cpu:
+    on_cpu = mx.default_device() == mx.cpu
+    if path.is_file():  # read whole; quantized matrices dequantized lazily, layer by layer below
+        model, tokenizer, config = load_gguf(path, dequantize=on_cpu)
+    else:
+        model, tokenizer, config = mlx_load(str(path), lazy=True, return_config=True)
+    if on_cpu:
         model.set_dtype(mx.float32)  # float16/bfloat16 matmuls on CPU bypass BLAS entirely
     layers = list(getattr(model, "layers", []))
     on_progress(0.1)
