@@ -26,7 +26,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "lmkernel.sdk": ("lmkernel.kernel", "lmkernel.kernel.messages", "lmkernel.kernel.config",
                      "lmkernel.kernel.runtime"),
     "lmkernel.cli": ("lmkernel", "lmkernel.sdk", "lmkernel.plugins.discovery", "lmkernel.kernel.serve",
-                     "lmkernel.kernel.config"),
+                     "lmkernel.kernel.config", "lmkernel.kernel.downloads"),
     "lmkernel._compat": ("lmkernel.kernel.config", "lmkernel.kernel.messages", "lmkernel.sdk"),
     "lmkernel.__main__": ("lmkernel.cli",),
     "lmkernel": ("lmkernel.sdk", "lmkernel.kernel.config", "lmkernel.kernel.messages"),  # __init__: re-exports

@@ -1,4 +1,4 @@
-"""The ``lmkernel`` command: ``complete``, ``serve``, ``models``, ``backends``.
+"""The ``lmkernel`` command: ``complete``, ``serve``, ``models``, ``backends``, ``get``.
 
 ``lmkernel complete "The cat in the"`` streams the completion to stdout and writes the
 stats to stderr, with progress bars (model load, prompt processing) on stderr.
@@ -212,6 +212,19 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _get(args: argparse.Namespace) -> int:
+    from .kernel import downloads
+
+    if args.list:
+        print(*(f"{e.name:<12} {e.about}" for e in downloads.NAMED.values()), "Or a Hugging Face repository: "
+              "owner/repo (its weights and configuration) or owner/repo@file (that file alone).", sep="\n")
+        return 0
+    path = downloads.get(args.name, on_progress=ProgressBar("downloading", sys.stderr),
+                         on_note=lambda text: print(f"lmkernel get: {text}", file=sys.stderr, flush=True))
+    print(f"{path}\nmodel key: {downloads.model_key_of(path)}")
+    return 0
+
+
 def _backends(args: argparse.Namespace) -> int:
     from .plugins.discovery import discover
 
@@ -343,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
                    formatter_class=HelpFormatter).set_defaults(run=_models)
     sub.add_parser("backends", help="list backends and whether they can run here",
                    formatter_class=HelpFormatter).set_defaults(run=_backends)
+    get = sub.add_parser("get", help="download a model into lmkernel's models folder (path and key to stdout)",
+                         formatter_class=HelpFormatter)
+    which = get.add_mutually_exclusive_group(required=True)
+    which.add_argument("name", nargs="?", help="a short name (see --list), or a Hugging Face owner/repo[@file]")
+    which.add_argument("--list", action="store_true", help="list the short names")
+    get.set_defaults(run=_get)
     return parser
 
 
