@@ -270,3 +270,9 @@ def test_an_unreachable_or_failing_hub_says_so(monkeypatch, hub, tmp_path):
                                               "check the network connection, or set HF_ENDPOINT to a hub mirror"):
         downloads.get("aa/Small", dest=tmp_path)
     assert left_in(tmp_path) == []
+
+
+def test_the_smollm2_fixture_is_the_pinned_file(smollm2_gguf):
+    entry = downloads.NAMED["smollm2"]
+    assert smollm2_gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and smollm2_gguf.stat().st_size == entry.size
+    assert smollm2_gguf.as_posix().endswith(f"/models/{entry.path}")
