@@ -124,7 +124,10 @@ def parse_repo(spec: str) -> tuple[str, str | None]:
 
 
 def model_key_of(path: Path, root: Path | None = None) -> str:
-    """The key the catalog gives the model at ``path`` (a folder or a .gguf file under ``root``)."""
+    """The key the catalog gives the model at ``path`` (a folder or a .gguf file under ``root``).
+
+    As LM Studio names it; should another model already hold that key, the catalog names this one by its path.
+    """
     from ._catalog import model_key
 
     relative = path.relative_to(root if root is not None else models_dir()).as_posix()
