@@ -107,6 +107,8 @@ LLAMA_CPP = "llama.cpp can (pip install 'lmkernel[llamacpp]')"
     ({"tokenizer.ggml.pre": None}, "it names no pre-tokenizer, and MLX's GGUF loader rebuilds only codeshell, "
                                    f"exaone, gpt-2, minerva-7b, mpt, olmo, phi-2, refact, smollm, starcoder; {LLAMA_CPP}"),
     ({"llama.block_count": None}, "its metadata has no positive integer llama.block_count"),
+    ({"llama.rope.dimension_count": 16}, f"it rotates 16 of each head's 32 dimensions, which mlx-lm's Llama does not; "
+                                         f"{LLAMA_CPP}"),
     ({"llama.rope.scaling.type": "yarn"}, f"its rotary scaling (llama.rope.scaling.type 'yarn') is not mapped to MLX; "
                                           f"{LLAMA_CPP}"),
 ])

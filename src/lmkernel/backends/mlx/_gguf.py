@@ -92,6 +92,12 @@ def check(info: GGUFInfo) -> None:
     for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
         if not _positive_int(meta.get(f"llama.{key}")):
             raise ModelRejected(f"its metadata has no positive integer llama.{key}")
+    heads, hidden = meta["llama.attention.head_count"], meta["llama.embedding_length"]
+    head_dim = meta.get("llama.attention.key_length", hidden // heads)
+    rotary = meta.get("llama.rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise ModelRejected(f"it rotates {rotary!r} of each head's {head_dim!r} dimensions, which mlx-lm's Llama does not; "
+                            f"{LLAMA_CPP}")
     scaling = meta.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
         raise ModelRejected(f"its rotary scaling (llama.rope.scaling.type {scaling!r}) is not mapped to MLX; {LLAMA_CPP}")
@@ -220,6 +226,8 @@ def load_gguf(path: Path, dequantize: bool):
         if target is None:
             raise ValueError(f"the tensor {name!r} has no place in mlx-lm's Llama")
         weights[target] = array
+    if "model.embed_tokens.weight" not in weights:
+        raise ValueError("the file has no token_embd.weight")
     tied = "lm_head.weight" not in weights
     config = model_config(info.metadata, vocab_size=weights["model.embed_tokens.weight"].shape[0], tied=tied)
     bits = {name[: -len(".scales")]: _bits(weights, name[: -len(".scales")]) for name in weights if name.endswith(".scales")}
