@@ -161,6 +161,29 @@ def test_remove_frees_the_sequences_slot_and_cells_at_once(smollm2_gguf):
         eng.close()
 
 
+def test_a_prompt_that_starts_as_a_slots_cells_is_not_computed_again(smollm2_gguf):
+    eng = backend.load(smollm2_gguf, LoadOptions(context_length=1024, max_batch=2, eval_batch_size=64), lambda f: None)
+    try:
+        story = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+        first = run(eng, [story], 12)[0]
+        assert len(eng.tokenize(story)) > 2 * 64  # three steps of prefill, computed from scratch
+        eng.add(0, eng.tokenize(story), Sampling(temperature=0), 12)
+        events = eng.step()  # the same prompt again: one step, its last token only
+        assert [type(e) for e in events] == [PromptProgress, PromptProgress, Token], events
+        while eng.busy:
+            events += eng.step()
+        assert [e.token_id for e in events if isinstance(e, Token)] == first
+        longer = story + " and then the fox ran into the forest"
+        follow_up = run(eng, [longer], 12)[0]  # a follow-up turn: its new tokens only
+        fresh = backend.load(smollm2_gguf, LoadOptions(context_length=1024, max_batch=1), lambda f: None)
+        try:
+            assert run(fresh, [longer], 12)[0] == follow_up
+        finally:
+            fresh.close()
+    finally:
+        eng.close()
+
+
 def test_slots_are_bounded_by_the_cells_a_context_may_take(smollm2_gguf):
     eng = backend.load(smollm2_gguf, LoadOptions(max_batch=16), lambda f: None)
     try:  # no contextLength: LM Studio's 4096, and 32768 cells hold 8 such slots

@@ -97,6 +97,21 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _common(a: list[int], b: list[int]) -> int:
+    """The length of the longest common start of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
 @dataclass(eq=False)
 class _Sequence:
     seq_id: int
@@ -129,6 +144,7 @@ class LlamaCppEngine(Engine):
         self.slots = slots
         self._chunk = chunk
         self._free_slots = list(range(slots - 1, -1, -1))
+        self._kept: list[list[int]] = [[] for _ in range(slots)]  # per slot: the tokens its cells hold
         self._waiting: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}
         self._batch = lc.llama_batch_init(chunk + slots, 0, 1)
@@ -183,11 +199,24 @@ class LlamaCppEngine(Engine):
         return bool(self._waiting or self._active)
 
     def _admit(self) -> list[StepEvent]:
-        """Start waiting sequences, in order, while a slot is free; their progress starts at 0."""
+        """Start waiting sequences, in order, while a slot is free; their progress starts at 0.
+
+        Each takes the free slot whose cells hold the longest start of its prompt, and keeps those
+        cells (llama.cpp's server does the same: a follow-up turn or a repeated prompt is not
+        computed again); at least the prompt's last token is fed, for its logits.
+        """
         started: list[StepEvent] = []
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
-            seq.slot = self._free_slots.pop()
+            slot = max(self._free_slots, key=lambda s: _common(self._kept[s], seq.prompt))
+            self._free_slots.remove(slot)
+            kept = self._kept[slot]
+            common = min(_common(kept, seq.prompt), len(seq.prompt) - 1)
+            if common < len(kept) and not lc.llama_memory_seq_rm(self._memory, slot, max(common, 0), -1):
+                lc.llama_memory_seq_rm(self._memory, slot, -1, -1)  # a model that cannot cut its cache
+                common = 0
+            del kept[max(common, 0):]
+            seq.slot, seq.fed = slot, max(common, 0)
             seq.sampler = self._new_sampler(seq.sampling)
             for token in seq.prompt[-REPEAT_RANGE:]:
                 lc.llama_sampler_accept(seq.sampler, token)
@@ -196,7 +225,7 @@ class LlamaCppEngine(Engine):
         return started
 
     def _release(self, seq: _Sequence) -> None:
-        lc.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
+        """Free the sequence's slot at once; its cells stay as a prompt cache for the slot's next sequence."""
         if seq.sampler is not None:
             lc.llama_sampler_free(seq.sampler)
             seq.sampler = None
@@ -230,6 +259,7 @@ class LlamaCppEngine(Engine):
         for seq in self._active.values():
             if seq.pending is not None:
                 self._put(batch, n, seq.pending, seq.pos, seq.slot, True)
+                self._kept[seq.slot].append(seq.pending)
                 rows.append((seq, True))
                 n += 1
         room = self._chunk
@@ -245,6 +275,7 @@ class LlamaCppEngine(Engine):
                     self._put(batch, n, seq.prompt[i], i, seq.slot, logits)
                     rows.append((seq, logits))
                     n += 1
+                self._kept[seq.slot] += seq.prompt[seq.fed : seq.fed + take]
                 seq.fed += take
                 room -= take
                 prefilled.append(seq)
