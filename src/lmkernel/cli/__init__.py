@@ -7,108 +7,19 @@ stats to stderr, with progress bars (model load, prompt processing) on stderr.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from ._version import __version__
+from .._version import __version__
+from ._terminal import ProgressBar, UsageError, read_prompt, stop_string
 
 BUILTIN_DEMO = "lmkernel/kjv-demo"  # the shipped demo model, listed as downloaded
 BUILTIN_TINY = "lmkernel/tiny-random-llama"  # not listed as downloaded: it is made on first use
 
 
-class UsageError(Exception):
-    """The command line asks for something impossible (exit status 2, as argparse's errors)."""
-
-
-class ProgressBar:
-    """A one-line progress bar on a terminal; on anything else, one line when it completes."""
-
-    def __init__(self, label: str, stream: TextIO = sys.stderr, width: int = 30) -> None:
-        self.label = label
-        self.stream = stream
-        self.width = width
-        self.live = stream.isatty()
-        self.done = False
-
-    def __call__(self, fraction: float) -> None:
-        if self.done:
-            return
-        fraction = max(0.0, min(1.0, fraction))
-        if self.live:
-            filled = int(round(self.width * fraction))
-            bar = "█" * filled + "░" * (self.width - filled)
-            self.stream.write(f"\r{self.label:<18} {bar} {fraction * 100:5.1f}%")
-            if fraction >= 1.0:
-                self.stream.write("\n")
-        elif fraction >= 1.0:
-            self.stream.write(f"{self.label}: 100%\n")
-        if fraction >= 1.0:
-            self.done = True
-        self.stream.flush()
-
-
-_STOP_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}
-
-
-def stop_string(text: str) -> str:
-    """Decode one ``--stop`` value: ``\\n``, ``\\r``, ``\\t`` and ``\\\\`` (a backslash); other text as is.
-
-    Any other backslash sequence is refused rather than guessed at (an argparse type).
-    """
-
-    def escape(match: re.Match[str]) -> str:
-        code = match.group(1)
-        if code not in _STOP_ESCAPES:
-            shown = "a lone \\ at the end" if code == "" else f"\\{code}"
-            raise argparse.ArgumentTypeError(
-                f"{shown} in '{text}' is not an escape lmkernel knows: write \\n (newline), "
-                "\\r, \\t (tab) or \\\\ (one backslash)"
-            )
-        return _STOP_ESCAPES[code]
-
-    return re.sub(r"\\(.?)", escape, text, flags=re.S)
-
-
-def _without_final_newline(text: str) -> str:
-    if text.endswith("\r\n"):
-        return text[:-2]
-    return text.removesuffix("\n")
-
-
-def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
-    """Return the prompt: the argument, standard input for ``-``, or the file's text.
-
-    Text read from stdin or a file is UTF-8 and loses one final newline (the one ``echo`` and
-    editors add). Raises :class:`UsageError` when none or both are given, or it cannot be read.
-    """
-    if (prompt is None) == (prompt_file is None):
-        raise UsageError("give one prompt: as an argument, as - (read standard input), or with --prompt-file PATH")
-    if prompt is not None and prompt != "-":
-        return prompt
-    if prompt_file is not None:
-        where = f"the prompt file {prompt_file!r}"
-        try:
-            data = Path(prompt_file).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
-    else:
-        where = "standard input"
-        if sys.stdin is None:
-            raise UsageError("the prompt is - but there is no standard input to read it from")
-        if sys.stdin.isatty():
-            print("lmkernel: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
-        data = sys.stdin.buffer.read()
-    try:
-        return _without_final_newline(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{where} is not UTF-8 text (byte {exc.start}: {data[exc.start]:#04x})") from None
-
-
 def _configs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """The prediction and load configs the options ask for, validated: a bad value fails before any load."""
-    from .kernel.config import parse_load_config, parse_prediction_config
+    from ..kernel.config import parse_load_config, parse_prediction_config
 
     config: dict[str, Any] = {"maxTokens": args.max_tokens}
     if args.temperature is not None:
@@ -180,7 +91,7 @@ def _models_folder_notes() -> list[str]:
 def _models(args: argparse.Namespace) -> int:
     import lmkernel as lms
 
-    from .plugins.discovery import discover
+    from ..plugins.discovery import discover
 
     with lms.Client() as client:
         models = [m.info for m in client.list_downloaded_models()]
@@ -213,7 +124,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _get(args: argparse.Namespace) -> int:
-    from .kernel import downloads
+    from ..kernel import downloads
 
     if args.list:
         print(*(f"{e.name:<12} {e.about}" for e in downloads.NAMED.values()), "Or a Hugging Face repository: "
@@ -226,7 +137,7 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _backends(args: argparse.Namespace) -> int:
-    from .plugins.discovery import discover
+    from ..plugins.discovery import discover
 
     found = discover()
     if not found.statuses:
@@ -245,7 +156,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import trio
 
-    from .kernel.serve import ServeConfig, ServeError, serve
+    from ..kernel.serve import ServeConfig, ServeError, serve
 
     api_key = args.api_key or os.environ.get("LMKERNEL_API_KEY") or None
     config = ServeConfig(
@@ -374,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     rest of the output is dropped quietly. No traceback in any of these cases.
     """
     args = build_parser().parse_args(argv)
-    from .errors import LMKernelError
+    from ..errors import LMKernelError
 
     try:
         status = args.run(args)
