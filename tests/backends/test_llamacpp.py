@@ -270,3 +270,21 @@ def test_cancel_during_prefill_and_during_decode(smollm2_gguf, fresh_kernel):
 def test_gguf_goes_to_llama_cpp_where_installed(smollm2_gguf):
     info = lms.llm(str(smollm2_gguf)).get_info()
     assert (info.backend, info.format, Path(info.path)) == ("llamacpp", "gguf", smollm2_gguf)
+
+
+def test_a_gguf_no_backend_loads_says_why_for_each(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "mmproj-model-f16.gguf"
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_tensor("v.blk.0.attn_q.weight", np.ones((8, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(lms.LMKernelModelNotFoundError) as caught:
+        lms.llm(str(path))
+    message = str(caught.value)
+    assert f"No backend can load the file {str(path)!r}" in message
+    assert "llamacpp: mmproj-model-f16.gguf is a vision projector (mmproj) (architecture 'clip'), not a language model" in message

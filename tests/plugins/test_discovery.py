@@ -41,7 +41,8 @@ def test_broken_plugins_are_reported_not_fatal(monkeypatch, caplog):
     broken = {s.name: s.availability.reason for s in found.broken}
     assert broken["broken"] == "plugin failed to import: ImportError: No module named 'missing_engine'"
     assert broken["wrongtype"] == "entry point 'other_pkg:thing' is a object, not an lmkernel Backend"
-    assert [b.name for b in found.available] == ["mlx"]
+    names = {b.name for b in found.available}
+    assert "mlx" in names and not names & {"broken", "wrongtype"}  # the real plugins still load
     assert "plugin failed to import" in caplog.text
 
 

@@ -356,7 +356,8 @@ class Catalog:
             return demo
         descriptions, rejections = self._describe_folder(folder)
         if not descriptions:
-            raise LMKernelModelNotFoundError(f"No backend can load the folder {str(folder)!r}: {_reasons(rejections)}")
+            what = "file" if is_gguf(folder) else "folder"
+            raise LMKernelModelNotFoundError(f"No backend can load the {what} {str(folder)!r}: {_reasons(rejections)}")
         return CatalogEntry(str(folder), folder, descriptions, None, rejections)
 
     def builtin_tiny(self) -> CatalogEntry:

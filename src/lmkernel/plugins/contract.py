@@ -90,6 +90,8 @@ def read_config(folder: Path) -> dict[str, Any]:
     A missing or unreadable file, text that is not UTF-8, invalid JSON (with its line and
     column) and JSON that is not an object each get their own reason.
     """
+    if folder.is_file():
+        raise ModelRejected(f"a {folder.suffix.lstrip('.').upper() + ' ' if folder.suffix else ''}file, not a model folder")
     try:
         text = (folder / "config.json").read_text(encoding="utf-8")
     except FileNotFoundError:
