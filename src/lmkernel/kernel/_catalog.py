@@ -288,7 +288,8 @@ class Catalog:
         if is_explicit_path(key):
             folder = existing_folder(key)
             if folder is None:
-                raise LMKernelModelNotFoundError(f"No model folder at {key!r}: {folder_problem(key)}")
+                what = "GGUF file" if key.lower().endswith(".gguf") else "folder"
+                raise LMKernelModelNotFoundError(f"No model {what} at {key!r}: {folder_problem(key)}")
             return self._folder_entry(folder, self.entries())
         builtin = self._builtin(key)
         if builtin is not None:
