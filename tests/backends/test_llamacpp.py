@@ -288,3 +288,17 @@ def test_a_gguf_no_backend_loads_says_why_for_each(tmp_path):
     message = str(caught.value)
     assert f"No backend can load the file {str(path)!r}" in message
     assert "llamacpp: mmproj-model-f16.gguf is a vision projector (mmproj) (architecture 'clip'), not a language model" in message
+
+
+def test_a_second_model_on_an_openmp_build_is_warned_about(smollm2_gguf, monkeypatch, caplog):
+    from lmkernel.backends.llamacpp import _library
+
+    monkeypatch.setattr(_library.lc, "llama_print_system_info", lambda: b"CPU : AVX2 = 1 | OPENMP = 1 |")
+    first = backend.load(smollm2_gguf, LoadOptions(context_length=256, max_batch=1), lambda f: None)
+    try:
+        assert "OpenMP" not in caplog.text
+        second = backend.load(smollm2_gguf, LoadOptions(context_length=256, max_batch=1), lambda f: None)
+        second.close()
+        assert "llama.cpp was built with OpenMP: with two models loaded" in caplog.text
+    finally:
+        first.close()

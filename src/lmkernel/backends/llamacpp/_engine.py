@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import logging
-import os
 import random
-import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,8 +35,7 @@ from pathlib import Path
 import llama_cpp as lc
 
 from ...plugins.contract import Engine, LoadOptions, PromptProgress, Sampling, SequenceEnd, StepEvent, Token
-
-log = logging.getLogger("lmkernel.llamacpp")
+from ._library import last_errors, note_close, note_load, start_llama, usable_cpus
 
 #: Prompt tokens one step feeds at most (``evalBatchSize``; LM Studio's default).
 DEFAULT_CHUNK = 512
@@ -50,52 +46,6 @@ MAX_CELLS = 32768
 DEFAULT_CONTEXT = 4096
 #: Tokens the repeat penalty looks back over (LM Studio's default).
 REPEAT_RANGE = 64
-
-_GGML_LEVELS = {1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
-_local = threading.local()  # the last error lines llama.cpp logged on this thread
-
-
-@lc.llama_log_callback
-def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    """llama.cpp's log, to the ``lmkernel.llamacpp`` logger (debug); errors also kept for the next exception."""
-    line = text.decode("utf-8", "replace").rstrip()
-    if level == 3 and line:
-        errors = getattr(_local, "errors", None)
-        if errors is None:
-            errors = _local.errors = deque(maxlen=3)
-        errors.append(line)
-    if line:
-        log.debug("%s", line)
-
-
-_started = False
-_start_lock = threading.Lock()
-
-
-def _start_llama() -> None:
-    global _started
-    with _start_lock:
-        if not _started:
-            lc.llama_log_set(_log, ctypes.c_void_p(0))
-            lc.llama_backend_init()
-            _started = True
-
-
-def _last_errors() -> str:
-    errors = getattr(_local, "errors", None)
-    if not errors:
-        return ""
-    text = "; ".join(errors)
-    errors.clear()
-    return f": {text}"
-
-
-def usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
 
 def _common(a: list[int], b: list[int]) -> int:
     """The length of the longest common start of ``a`` and ``b``."""
@@ -284,7 +234,7 @@ class LlamaCppEngine(Engine):
         batch.n_tokens = n
         rc = lc.llama_decode(self._ctx, batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with status {rc}{_last_errors()}")
+            raise RuntimeError(f"llama_decode failed with status {rc}{last_errors()}")
         events += [PromptProgress(s.seq_id, s.fed, len(s.prompt)) for s in prefilled]
         for row, (seq, logits) in enumerate(rows):
             if logits and seq.seq_id in self._active:
@@ -330,12 +280,13 @@ class LlamaCppEngine(Engine):
         lc.llama_batch_free(self._batch)
         lc.llama_free(self._ctx)
         lc.llama_model_free(self._model)
+        note_close()
 
 
 def load_engine(path: Path, options: LoadOptions, on_progress: Callable[[float], None], *,
                 trained_context: int, layers: int | None) -> LlamaCppEngine:
     """Load the GGUF file ``path`` into a llama.cpp model and context on the calling thread."""
-    _start_llama()
+    start_llama()
     extra = options.extra
     mparams = lc.llama_model_default_params()
     offload = lc.llama_supports_gpu_offload()
@@ -356,7 +307,7 @@ def load_engine(path: Path, options: LoadOptions, on_progress: Callable[[float],
     mparams.progress_callback = callback
     model = lc.llama_model_load_from_file(str(path).encode(), mparams)
     if not model:
-        raise RuntimeError(f"llama.cpp could not load {path.name}{_last_errors()}")
+        raise RuntimeError(f"llama.cpp could not load {path.name}{last_errors()}")
     try:
         context_length = options.context_length or min(trained_context, DEFAULT_CONTEXT)
         room = max(1, MAX_CELLS // context_length)
@@ -376,9 +327,10 @@ def load_engine(path: Path, options: LoadOptions, on_progress: Callable[[float],
             cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = lc.llama_init_from_model(model, cparams)
         if not ctx:
-            raise RuntimeError(f"llama.cpp could not make a context of {cells} cells for {path.name}{_last_errors()}")
+            raise RuntimeError(f"llama.cpp could not make a context of {cells} cells for {path.name}{last_errors()}")
     except BaseException:
         lc.llama_model_free(model)
         raise
     on_progress(1.0)
+    note_load()
     return LlamaCppEngine(model, ctx, context_length=context_length, slots=slots, chunk=chunk, seed=options.seed)
