@@ -294,6 +294,7 @@ def test_a_second_model_on_an_openmp_build_is_warned_about(smollm2_gguf, monkeyp
     from lmkernel.backends.llamacpp import _library
 
     monkeypatch.setattr(_library.lc, "llama_print_system_info", lambda: b"CPU : AVX2 = 1 | OPENMP = 1 |")
+    monkeypatch.setattr(_library, "_loaded", 0)  # as if no other test had a model loaded
     first = backend.load(smollm2_gguf, LoadOptions(context_length=256, max_batch=1), lambda f: None)
     try:
         assert "OpenMP" not in caplog.text
