@@ -303,3 +303,13 @@ def test_a_second_model_on_an_openmp_build_is_warned_about(smollm2_gguf, monkeyp
         assert "llama.cpp was built with OpenMP: with two models loaded" in caplog.text
     finally:
         first.close()
+
+
+def test_unloading_frees_llama_cpps_model_at_once(smollm2_gguf, fresh_kernel):
+    from lmkernel.backends.llamacpp import _library
+
+    before = _library._loaded
+    model = lms.llm(str(smollm2_gguf))
+    assert _library._loaded == before + 1
+    model.unload()
+    assert _library._loaded == before  # llama_free and llama_model_free ran on the model's thread

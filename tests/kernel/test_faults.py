@@ -335,6 +335,9 @@ def test_close_fault_still_unloads(faults, api, mode):
     inject(faults, "close", mode, seconds=ENGINE_TIMEOUT + 6)
     outcome, elapsed = timed(api, "unload", FAULTY, limit=ENGINE_TIMEOUT + SLACK + 10)
     assert outcome is None, outcome
+    from lmkernel_faults import FAULTS
+
+    assert FAULTS._calls.get((faults, "close")) == 1  # unloading closed the engine (it once did not)
     clear(faults)
     expect_completion(api)
 

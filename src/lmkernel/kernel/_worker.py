@@ -209,12 +209,14 @@ class EngineWorker:
             log.error("backend %s: engine.close failed", self._backend.name, exc_info=exc.error)
 
     def _serve(self, engine: Engine) -> Engine | None:
-        """Run ``engine`` until shutdown (``None``) or its failure (the replacement engine)."""
+        """Run ``engine`` until shutdown (``None``) or its failure (the replacement engine); close it either way."""
         try:
             self._loop(engine)
-            return None
         except (_EngineError, PluginValueError) as exc:
             error, doing = (exc.error, exc.doing) if isinstance(exc, _EngineError) else (exc, "while predicting")
+        else:
+            self._close(engine)  # unloaded: its memory goes now, not when the garbage collector finds it
+            return None
         lost = sorted(self._active)
         self._active.clear()
         self._failures += 1
