@@ -158,7 +158,7 @@ class LlamaCppEngine(Engine):
         started: list[StepEvent] = []
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
-            slot = max(self._free_slots, key=lambda s: _common(self._kept[s], seq.prompt))
+            slot = max(self._free_slots, key=lambda s: (_common(self._kept[s], seq.prompt), -s))
             self._free_slots.remove(slot)
             kept = self._kept[slot]
             common = min(_common(kept, seq.prompt), len(seq.prompt) - 1)
@@ -203,34 +203,33 @@ class LlamaCppEngine(Engine):
 
     def step(self) -> list[StepEvent]:
         events = self._admit()
-        batch = self._batch
-        rows: list[tuple[_Sequence, bool]] = []  # per batch row: its sequence, whether it wants logits
-        n = 0
-        for seq in self._active.values():
-            if seq.pending is not None:
-                self._put(batch, n, seq.pending, seq.pos, seq.slot, True)
-                self._kept[seq.slot].append(seq.pending)
-                rows.append((seq, True))
-                n += 1
+        work: list[tuple[_Sequence, list[int], int]] = []  # (sequence, its tokens this step, position of the first)
         room = self._chunk
         prefilled: list[_Sequence] = []
-        for seq in self._active.values():
-            if room <= 0:
-                break
-            if seq.fed < len(seq.prompt):
+        for seq in self._active.values():  # decoding: the token sampled last step
+            if seq.pending is not None:
+                work.append((seq, [seq.pending], seq.pos))
+        for seq in self._active.values():  # prefilling, in arrival order: one chunk in all
+            if room > 0 and seq.fed < len(seq.prompt):
                 take = min(room, len(seq.prompt) - seq.fed)
-                last = seq.fed + take == len(seq.prompt)
-                for i in range(seq.fed, seq.fed + take):
-                    logits = last and i == len(seq.prompt) - 1
-                    self._put(batch, n, seq.prompt[i], i, seq.slot, logits)
-                    rows.append((seq, logits))
-                    n += 1
-                self._kept[seq.slot] += seq.prompt[seq.fed : seq.fed + take]
+                work.append((seq, seq.prompt[seq.fed : seq.fed + take], seq.fed))
                 seq.fed += take
                 room -= take
                 prefilled.append(seq)
-        if n == 0:
+        if not work:
             return events
+        # Rows in slot order: llama.cpp puts sequences of consecutive ids in one micro-batch; out of
+        # order, a batch of 8 decoding sequences ran as up to 8 graphs (89 tok/s instead of 150).
+        work.sort(key=lambda w: w[0].slot)
+        batch, rows, n = self._batch, [], 0
+        for seq, tokens, start in work:
+            wants_logits = seq.fed == len(seq.prompt)  # decoding, or its prompt's last chunk
+            for i, token in enumerate(tokens):
+                logits = wants_logits and i == len(tokens) - 1
+                self._put(batch, n, token, start + i, seq.slot, logits)
+                rows.append((seq, logits))
+                n += 1
+            self._kept[seq.slot] += tokens
         batch.n_tokens = n
         rc = lc.llama_decode(self._ctx, batch)
         if rc != 0:
