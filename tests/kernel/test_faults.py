@@ -332,12 +332,13 @@ def test_remove_fault_on_cancel_keeps_the_cancelled_result(faults, api):
 @pytest.mark.parametrize("mode", ["raise", "hang"])
 def test_close_fault_still_unloads(faults, api, mode):
     expect_completion(api)
-    inject(faults, "close", mode, seconds=ENGINE_TIMEOUT + 6)
-    outcome, elapsed = timed(api, "unload", FAULTY, limit=ENGINE_TIMEOUT + SLACK + 10)
-    assert outcome is None, outcome
     from lmkernel_faults import FAULTS
 
-    assert FAULTS._calls.get((faults, "close")) == 1  # unloading closed the engine (it once did not)
+    inject(faults, "close", mode, seconds=ENGINE_TIMEOUT + 6)
+    FAULTS._calls.pop((faults, "close"), None)  # count this test's close calls only
+    outcome, elapsed = timed(api, "unload", FAULTY, limit=ENGINE_TIMEOUT + SLACK + 10)
+    assert outcome is None, outcome
+    assert FAULTS._calls.get((faults, "close"), 0) >= 1  # unloading closed the engine (it once did not)
     clear(faults)
     expect_completion(api)
 
