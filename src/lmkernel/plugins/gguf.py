@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["GGUFError", "GGUFInfo", "read_gguf"]
+from .contract import ModelRejected
+
+__all__ = ["GGUFError", "GGUFInfo", "describe_gguf", "read_gguf"]
 
 MAGIC = b"GGUF"
 MAX_STRING = 16 << 20  # bytes: the longest string kept or skipped (chat templates are a few kB)
@@ -222,3 +224,13 @@ def _info(version: int, tensors: int, parameters: int, types: Counter, matrix_ty
         tensor_types=dict(types),
         metadata=metadata,
     )
+
+
+def describe_gguf(path: str | Path) -> GGUFInfo:
+    """:func:`read_gguf` for a backend's ``describe``: a file it cannot read is a :class:`~lmkernel.plugins.ModelRejected` saying why."""
+    try:
+        return read_gguf(path)
+    except GGUFError as exc:
+        raise ModelRejected(str(exc)) from None
+    except OSError as exc:
+        raise ModelRejected(f"cannot read the file: {exc.strerror or type(exc).__name__}") from None

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...plugins.contract import Availability, Backend, Engine, LoadOptions, ModelDescription, ModelRejected
-from ...plugins.gguf import GGUFError, read_gguf
+from ...plugins.gguf import GGUFError, describe_gguf, read_gguf
 
 __all__ = ["LlamaCppBackend", "backend"]
 
@@ -68,12 +68,7 @@ class LlamaCppBackend(Backend):
             raise ModelRejected("not a GGUF file (llama.cpp loads .gguf files)")
         if (split := _SPLIT.match(path.name)) is not None and int(split["part"]) != 1:
             raise ModelRejected(f"part {int(split['part'])} of a split model: load its first part")
-        try:
-            info = read_gguf(path)
-        except GGUFError as exc:
-            raise ModelRejected(str(exc)) from None
-        except OSError as exc:
-            raise ModelRejected(f"cannot read the file: {exc.strerror or type(exc).__name__}") from None
+        info = describe_gguf(path)
         what = _NOT_LANGUAGE_MODELS.get(info.architecture or "")
         if what is not None:
             raise ModelRejected(f"{path.name} is {what} (architecture {info.architecture!r}), not a language model")

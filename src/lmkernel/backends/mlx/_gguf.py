@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ...plugins.contract import ModelRejected
-from ...plugins.gguf import GGUFError, GGUFInfo, read_gguf
+from ...plugins.gguf import GGUFInfo, describe_gguf, read_gguf
 
 __all__ = ["READABLE_TYPES", "build_tokenizer", "check", "load_gguf", "model_config", "read_header"]
 
@@ -68,12 +68,7 @@ _BOS_BY_DEFAULT = frozenset({"llama3", "llama-v3", "llama-bpe", "tekken", "chame
 
 def read_header(path: Path) -> GGUFInfo:
     """Read the header of the GGUF file ``path``; raise :class:`ModelRejected` saying why MLX cannot run it."""
-    try:
-        info = read_gguf(path)
-    except GGUFError as exc:
-        raise ModelRejected(str(exc)) from None
-    except OSError as exc:
-        raise ModelRejected(f"cannot read the file: {exc.strerror or type(exc).__name__}") from None
+    info = describe_gguf(path)
     check(info)
     return info
 
