@@ -313,3 +313,10 @@ def test_unloading_frees_llama_cpps_model_at_once(smollm2_gguf, fresh_kernel):
     assert _library._loaded == before + 1
     model.unload()
     assert _library._loaded == before  # llama_free and llama_model_free ran on the model's thread
+
+
+def test_an_empty_prompt_on_a_model_without_bos_is_a_clear_error(smollm2_gguf):
+    model = lms.llm(str(smollm2_gguf))
+    with pytest.raises(lms.LMKernelValueError, match="The prompt gives 0 tokens, and model .* adds no start-of-text token"):
+        model.complete("", config=GREEDY)
+    assert "Berlin" in model.complete(chat("What is the capital of Germany?"), config=GREEDY).content  # serves on

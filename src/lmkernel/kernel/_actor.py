@@ -35,6 +35,7 @@ from ._context import (
 )
 from ._failures import (
     backend_error,
+    empty_prompt_error,
     internal_error,
     prompt_too_long_error,
     unloaded_error,
@@ -248,6 +249,8 @@ class ModelActor:
                     if dropped:
                         log.debug("prediction %s on %s: prompt of %d tokens cut by %d to fit the context",
                                   running.run.id, self.info.identifier, prompt_tokens, dropped)
+            case w.Rejected(seq_id, 0, _, _):
+                self._fail(seq_id, empty_prompt_error(self.info.identifier))
             case w.Rejected(seq_id, prompt_tokens, context_length, policy):
                 self._fail(seq_id, prompt_too_long_error(
                     self.info.identifier, too_long_message(self.info.identifier, prompt_tokens, context_length, policy)

@@ -51,6 +51,13 @@ def unloaded_error(model: str, reason: str | None) -> ErrorInfo:
     return ErrorInfo(kind="model_not_found", message=f"Model {model!r} was unloaded{why}", model=model)
 
 
+def empty_prompt_error(model: str) -> ErrorInfo:
+    """A prompt that tokenizes to nothing: no token to continue from (a model without a start-of-text token)."""
+    return ErrorInfo(kind="value", model=model, message=(
+        f"The prompt gives 0 tokens, and model {model!r} adds no start-of-text token to a completion prompt: "
+        "there is nothing to continue from; give a non-empty prompt"))
+
+
 def prompt_too_long_error(model: str, message: str) -> ErrorInfo:
     """A prompt that does not fit ``model``'s context (the message from :mod:`._context`)."""
     return ErrorInfo(kind="prompt_too_long", message=message, model=model)

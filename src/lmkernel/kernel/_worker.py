@@ -261,7 +261,7 @@ class EngineWorker:
                     error = exc.error if isinstance(exc, _EngineError) else exc
                     self._post(EngineFailed([seq_id], error, "while tokenizing", replacing=False))
                     return
-                if window is None:
+                if window is None or not tokens:  # too long, or nothing to continue from
                     self._post(Rejected(seq_id, len(tokens), engine.context_length, policy))
                     return
                 cuts = policy != "stopAtLimit"

@@ -94,7 +94,7 @@ class Admitted:
 
 @dataclass(frozen=True)
 class Rejected:
-    """The prompt does not fit the context and the policy does not cut it."""
+    """The prompt does not fit the context and the policy does not cut it, or gives no token at all (0)."""
 
     seq_id: int
     prompt_tokens: int
