@@ -320,3 +320,20 @@ def test_an_empty_prompt_on_a_model_without_bos_is_a_clear_error(smollm2_gguf):
     with pytest.raises(lms.LMKernelValueError, match="The prompt gives 0 tokens, and model .* adds no start-of-text token"):
         model.complete("", config=GREEDY)
     assert "Berlin" in model.complete(chat("What is the capital of Germany?"), config=GREEDY).content  # serves on
+
+
+def test_a_failed_load_quotes_llama_cpps_reason(tmp_path, smollm2_gguf):
+    cut = tmp_path / "cut.gguf"
+    with smollm2_gguf.open("rb") as f:
+        cut.write_bytes(f.read(5_000_000))  # the header is whole, the tensors are not
+    with pytest.raises(RuntimeError, match="llama.cpp could not load cut.gguf: .*not within the file bounds"):
+        backend.load(cut, LoadOptions(context_length=256), lambda f: None)
+
+
+def test_eval_batch_size_is_at_most_the_context(smollm2_gguf):
+    eng = backend.load(smollm2_gguf, LoadOptions(context_length=256, max_batch=1, eval_batch_size=10**9), lambda f: None)
+    try:  # a batch of a billion tokens would be allocated (and kill the process) for nothing
+        assert eng._chunk == 256
+        assert run(eng, ["The cat sat on the"], 4)[0]
+    finally:
+        eng.close()

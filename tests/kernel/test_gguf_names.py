@@ -114,3 +114,18 @@ def test_the_hugging_face_cache_lists_a_gguf_repository(tmp_path):
     write_gguf(snapshot / "Phi-Q4_0.gguf")
     entries = Catalog([HeaderOnly()], roots=[(tmp_path, "hf-cache")], describe_timeout=0).entries()
     assert [(e.key, e.relative_path) for e in entries] == [("phi", "bartowski/Phi-GGUF/Phi-Q4_0.gguf")]
+
+
+def test_gguf_files_at_the_top_of_a_models_folder_are_keyed_by_their_names(tmp_path):
+    write_gguf(tmp_path / "one.gguf")
+    write_gguf(tmp_path / "two.Q8_0.gguf")
+    assert listing(tmp_path) == {"one": "one.gguf", "two.q8_0": "two.Q8_0.gguf"}
+
+
+def test_a_gguf_file_linked_under_two_names_is_two_models(tmp_path):
+    real = write_gguf(tmp_path / "store" / "blob.gguf")
+    for repo in ("pub/First-GGUF", "pub/Second-GGUF"):
+        (tmp_path / "models" / repo).mkdir(parents=True)
+        (tmp_path / "models" / repo / "model.Q4_1.gguf").symlink_to(real)
+    assert listing(tmp_path / "models") == {"first": "pub/First-GGUF/model.Q4_1.gguf",
+                                            "second": "pub/Second-GGUF/model.Q4_1.gguf"}

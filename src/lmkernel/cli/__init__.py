@@ -82,7 +82,7 @@ def _models_folder_notes() -> list[str]:
         folder = Path(entry).expanduser()
         if not folder.is_dir():
             notes.append(f"LMKERNEL_MODELS names {entry!r}, which is not a folder: no models are found there.")
-        elif (folder / "config.json").is_file() or any(folder.glob("*.gguf")):
+        elif (folder / "config.json").is_file():  # (GGUF files at its top are models it holds: fine)
             notes.append(f"LMKERNEL_MODELS names {entry!r}, which is a model folder itself: LMKERNEL_MODELS lists "
                          "folders that hold model folders (name its parent), or load it by its path.")
     return notes

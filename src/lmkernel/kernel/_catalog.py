@@ -195,12 +195,13 @@ class Catalog:
                     self._warn_once("", f"Skipped the model folder {str(folder)!r}: its name is not valid Unicode")
                     continue
                 real = guarded(folder.resolve, folder)
-                if real in folders:  # one folder reached from two models folders
-                    continue
+                if real in folders and not is_gguf(folder):  # one folder reached from two models folders
+                    continue  # (GGUF files linked under two names, as users link models, are two models)
                 descriptions, rejections = self._describe_folder(folder)
                 if not descriptions:
                     continue
-                variant = is_gguf(folder) and ggufs_in[relative.rpartition("/")[0]] > 1
+                parent = relative.rpartition("/")[0]  # files at the top of a models folder are keyed by their names
+                variant = is_gguf(folder) and parent != "" and ggufs_in[parent] > 1
                 key = next((k for k in (model_key(relative, variant), relative, str(folder)) if k not in keys), str(real))
                 keys.add(key)
                 paths.add(relative)

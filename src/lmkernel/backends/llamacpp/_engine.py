@@ -312,7 +312,7 @@ def load_engine(path: Path, options: LoadOptions, on_progress: Callable[[float],
         room = max(1, MAX_CELLS // context_length)
         slots = max(1, min(options.max_batch or 1, room, lc.llama_max_parallel_sequences()))
         cells = context_length * slots
-        chunk = options.eval_batch_size or DEFAULT_CHUNK
+        chunk = min(options.eval_batch_size or DEFAULT_CHUNK, context_length)  # a larger batch buys nothing
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = cells
         cparams.n_batch = chunk + slots

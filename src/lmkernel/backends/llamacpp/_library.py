@@ -19,7 +19,7 @@ _local = threading.local()  # the last error lines llama.cpp logged on this thre
 def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     """llama.cpp's log, to the ``lmkernel.llamacpp`` logger (debug); errors also kept for the next exception."""
     line = text.decode("utf-8", "replace").rstrip()
-    if level == 3 and line:
+    if level == 4 and line:  # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continued
         errors = getattr(_local, "errors", None)
         if errors is None:
             errors = _local.errors = deque(maxlen=3)
