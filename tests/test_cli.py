@@ -92,7 +92,7 @@ def test_models_agrees_with_list_downloaded_models():
     assert [r["KEY"] for r in rows] == [i.model_key for i in infos]
     assert _tiny_row(rows) and DEMO in [r["KEY"] for r in rows]
     for row, info in zip(rows, infos):
-        assert row["PARAMS"] == (info.params_string or "?")
+        assert (row["PARAMS"], row["QUANT"]) == (info.params_string or "?", info.quantization or "-")
         assert (row["ARCH"], row["FORMAT"], row["CONTEXT"], row["PATH"]) == (
             info.architecture, info.format, str(info.max_context_length), info.path)
     available = [s.name for s in discover().statuses if s.availability.available]

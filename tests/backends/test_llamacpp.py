@@ -58,7 +58,7 @@ def run(engine, prompts: list[str], budget: int = 24, sampling: Sampling = Sampl
 def test_describe_reads_the_header(smollm2_gguf):
     desc = backend.describe(smollm2_gguf)
     assert (desc.architecture, desc.format, desc.max_context_length, desc.params_string) == ("llama", "gguf", 8192, "135M")
-    assert desc.size_bytes == 98_362_432
+    assert desc.size_bytes == 98_362_432 and desc.quantization == "Q4_1"
 
 
 def test_describe_refuses_what_is_not_a_language_model(tmp_path, smollm2_gguf):

@@ -95,10 +95,10 @@ def _models(args: argparse.Namespace) -> int:
 
     with lms.Client() as client:
         models = [m.info for m in client.list_downloaded_models()]
-    rows = [("KEY", "PARAMS", "ARCH", "FORMAT", "CONTEXT", "SIZE", "PATH")]
+    rows = [("KEY", "PARAMS", "ARCH", "FORMAT", "QUANT", "CONTEXT", "SIZE", "PATH")]
     for info in models:
         rows.append((
-            info.model_key, info.params_string or "?", info.architecture or "?", info.format,
+            info.model_key, info.params_string or "?", info.architecture or "?", info.format, info.quantization or "-",
             str(info.max_context_length), _size(info.size_bytes), info.path,
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -100,7 +100,7 @@ def check_description(backend_name: str, desc: Any) -> ModelDescription:
         value = getattr(desc, name)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
             raise bad(f"{name} must be an integer from {low} to 2**63-1, got {show(value)}")
-    for name in ("architecture", "params_string", "display_name"):
+    for name in ("architecture", "params_string", "display_name", "quantization"):
         value = getattr(desc, name)
         if value is None:
             continue

@@ -94,6 +94,7 @@ class CatalogEntry:
             max_context_length=desc.max_context_length,
             params_string=desc.params_string,
             architecture=desc.architecture,
+            quantization=desc.quantization,
         )
 
 

@@ -75,6 +75,7 @@ class LlmInfo(PublicStruct, tag_field="type", tag="llm"):
     max_context_length: int = 0
     params_string: str | None = None
     architecture: str | None = None
+    quantization: str | None = None  # lmkernel's addition: a GGUF file's type ("Q4_1"), where the backend says
 
 
 class LlmInstanceInfo(LlmInfo, tag="llm"):

@@ -71,6 +71,8 @@ class ModelDescription:
     size_bytes: int
     params_string: str | None = None
     display_name: str | None = None
+    #: How the weights are quantized, as their format names it (a GGUF file's type: ``"Q4_K_M"``).
+    quantization: str | None = None
 
 
 class ModelRejected(Exception):

@@ -85,6 +85,7 @@ class LlamaCppBackend(Backend):
             size_bytes=size,
             params_string=_params_string(info.parameter_count),
             display_name=info.name,
+            quantization=info.quantization,
         )
 
     def load(self, path: Path, options: LoadOptions, on_progress: Callable[[float], None]) -> Engine:

@@ -286,6 +286,7 @@ class MLXBackend(Backend):
                 size_bytes=path.stat().st_size,
                 params_string=_params_string(info.parameter_count),
                 display_name=info.name,
+                quantization=info.quantization,
             )
         config = read_config(path)
         weights = sorted(path.glob("model*.safetensors"))
