@@ -233,11 +233,14 @@ def test_complete_refuses_values_that_used_to_crash(tiny_model, config, message)
 
 
 def test_top_k_beyond_the_vocabulary_is_off_and_does_not_poison_the_model(tiny_model):
+    def ends_normally(result) -> None:  # sampled at temperature 1: a random model may draw its end token
+        stats = result.stats
+        assert (stats.stop_reason, stats.predicted_tokens_count) == ("maxPredictedTokensReached", 4) \
+            or (stats.stop_reason == "eosFound" and stats.predicted_tokens_count < 4), stats
+
     for top_k in (10**6, 2**31 - 1):
-        result = tiny_model.complete("The", config={"topKSampling": top_k, "temperature": 1.0, "maxTokens": 4})
-        assert result.stats.predicted_tokens_count == 4
-    sampled = tiny_model.complete("The", config={"temperature": 1.0, "maxTokens": 4})  # the default top-k, sampled
-    assert sampled.stats.predicted_tokens_count == 4
+        ends_normally(tiny_model.complete("The", config={"topKSampling": top_k, "temperature": 1.0, "maxTokens": 4}))
+    ends_normally(tiny_model.complete("The", config={"temperature": 1.0, "maxTokens": 4}))  # the default top-k
     _still_serves(tiny_model)
 
 
