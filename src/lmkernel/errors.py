@@ -239,10 +239,11 @@ _KINDS: dict[str, type[LMKernelError]] = {
 
 
 def error_kind(exc: LMKernelError) -> str:
-    """Name the ErrorInfo kind for an exception raised inside the kernel."""
-    for kind, cls in _KINDS.items():
-        if type(exc) is cls:
-            return kind
+    """Name the ErrorInfo kind for an exception raised inside the kernel (its nearest class that has one)."""
+    kinds = {cls: kind for kind, cls in _KINDS.items()}
+    for cls in type(exc).__mro__:
+        if cls in kinds:
+            return kinds[cls]
     return "server"
 
 

@@ -4,7 +4,7 @@ Each has the camelCase keys of its struct (``LlmPredictionConfigDict`` for
 ``LlmPredictionConfig``, ...), none required (``total=False``), so a type checker accepts
 ``config={"temperature": 0.6, "maxTokens": 50}`` and flags a misspelt key. The keys are
 exactly those lmkernel's config accepts: LM Studio's own, plus lmkernel's load-time
-``backend``, ``maxConcurrentPredictions`` and ``maxQueuedPredictions``. A test holds each
+``backend``, ``maxConcurrentPredictions``, ``maxQueuedPredictions`` and ``promptCacheBytes``. A test holds each
 TypedDict against its struct, so they cannot drift. At run time they are plain dicts;
 lmkernel validates the values when the config is used.
 """
@@ -79,6 +79,7 @@ class LlmLoadModelConfigDict(TypedDict, total=False):
     backend: str | None
     maxConcurrentPredictions: int | None
     maxQueuedPredictions: int | None
+    promptCacheBytes: int | None
 
 
 class TextDataDict(TypedDict):

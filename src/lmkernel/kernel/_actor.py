@@ -38,8 +38,10 @@ from ._failures import (
     empty_prompt_error,
     internal_error,
     prompt_too_long_error,
+    request_error,
     unloaded_error,
 )
+from ._hang import HANG_WATCH
 from ._limits import engine_timeout, load_timeout
 from ._mailbox import (
     _WAKE,
@@ -48,6 +50,7 @@ from ._mailbox import (
     Mail,
     Peer,
     PredictMsg,
+    TemplateMsg,
     TokenizeMsg,
     UnloadMsg,
     _Wake,
@@ -61,13 +64,16 @@ from .config import (
     LlmPredictionConfig,
 )
 from .messages import (
+    ChatMessage,
     Done,
     ErrorInfo,
+    Event,
     Failed,
     InstanceInfo,
     LlmInstanceInfo,
     Loaded,
     Queued,
+    TemplateText,
     TokenLists,
 )
 from .messages import LoadProgress as LoadProgressEvent
@@ -183,7 +189,7 @@ class ModelActor:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until the model is unloaded and its worker thread has ended (or was abandoned)."""
-        w.HANG_WATCH.watch(self._worker, self._limit, self._on_hang)
+        HANG_WATCH.watch(self._worker, self._limit, self._on_hang)
         try:
             self._worker.start()
             task_status.started()
@@ -201,7 +207,7 @@ class ModelActor:
                     if (owner := mail_owner(item)) is not None:
                         owner[0].send(Failed(id=owner[1], error=self._kernel_error(exc, type(item).__name__)))
         finally:
-            w.HANG_WATCH.unwatch(self._worker)
+            HANG_WATCH.unwatch(self._worker)
             self.on_gone(self)
 
     def _idle_deadline(self) -> float:
@@ -219,25 +225,36 @@ class ModelActor:
 
     def _dispatch(self, item: Mail) -> None:
         match item:
-            case PredictMsg(peer, request_id, seq_id, prompt, config):
+            case PredictMsg(peer, request_id, seq_id, prompt, config, messages):
                 self._touch()
-                self._start_prediction(peer, request_id, seq_id, prompt, config)
+                self._start_prediction(peer, request_id, seq_id, prompt if messages is None else messages, config)
             case CancelMsg(seq_id):
                 self._cancel(seq_id)
             case TokenizeMsg(peer, request_id, texts):
-                if not self.live:
-                    peer.send(Failed(id=request_id, error=self._gone_error()))
-                    return
-                self._touch()
-                key = next(seq_ids)
-                self._tokenize[key] = (peer, request_id)
-                self._worker.send(w.TokenizeTexts(key, texts))
+                self._ask(peer, request_id, lambda key: w.TokenizeTexts(key, texts))
+            case TemplateMsg(peer, request_id, request):
+                self._ask(peer, request_id, lambda key: w.RenderChat(key, request))
             case UnloadMsg(peer, request_id):
                 self.unload(peer, request_id)
             case InfoMsg(peer, request_id):
                 peer.send(InstanceInfo(id=request_id, info=self.info, load_config=self.reported_load_config()))
             case _Wake():
                 pass
+
+    def _ask(self, peer: Peer, request_id: int, command: Callable[[int], w.Command]) -> None:
+        """Send the worker a request that is answered once (tokenize, render a chat)."""
+        if not self.live:
+            peer.send(Failed(id=request_id, error=self._gone_error()))
+            return
+        self._touch()
+        key = next(seq_ids)
+        self._tokenize[key] = (peer, request_id)
+        self._worker.send(command(key))
+
+    def _answer(self, key: int, event: Callable[[int], Event] | None, error: ErrorInfo | None = None) -> None:
+        peer, request_id = self._tokenize.pop(key)
+        self._touch()
+        peer.send(Failed(id=request_id, error=error) if event is None else event(request_id))
 
     def _report(self, report: w.Report) -> None:
         match report:
@@ -268,13 +285,16 @@ class ModelActor:
                 if self.state == "reloading":
                     self.state = "ready"
                     self._admit()
-            case w.Tokenized(key, tokens, error):
-                peer, request_id = self._tokenize.pop(key)
-                self._touch()
-                if error is None:
-                    peer.send(TokenLists(id=request_id, tokens=tokens))
-                else:
-                    peer.send(Failed(id=request_id, error=self._backend_error(error, "while tokenizing")))
+            case w.Refused(seq_id, error):
+                self._fail(seq_id, request_error(error, model=self.info.identifier))
+            case w.Tokenized(key, tokens, None):
+                self._answer(key, lambda i: TokenLists(id=i, tokens=tokens))
+            case w.Tokenized(key, _, error):
+                self._answer(key, None, self._backend_error(error, "while tokenizing"))
+            case w.Rendered(key, text, None):
+                self._answer(key, lambda i: TemplateText(id=i, text=text))
+            case w.Rendered(key, _, error):
+                self._answer(key, None, request_error(error, model=self.info.identifier))
             case w.LoadProgress(progress):
                 for waiter in self.load_waiters:
                     waiter.progress(min(progress, 0.99))
@@ -305,18 +325,20 @@ class ModelActor:
     # ---- predictions -------------------------------------------------------------------
 
     def _start_prediction(
-        self, peer: Peer, request_id: int, seq_id: int, prompt: str, config: LlmPredictionConfig
+        self, peer: Peer, request_id: int, seq_id: int, prompt: str | tuple[ChatMessage, ...], config: LlmPredictionConfig
     ) -> None:
+        """Queue a prediction: of ``prompt`` (a text), or of a conversation (messages the worker renders)."""
         if not self.live:
             peer.predictions.pop(request_id, None)
             peer.send(Failed(id=request_id, error=self._gone_error()))
             return
-        if text_cannot_fit(len(prompt), self.info.context_length):
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(message.content) for message in prompt)
+        if text_cannot_fit(chars, self.info.context_length):
             # Refused before tokenizing: a prompt that cannot fit would otherwise hold the
             # engine thread (and every other prediction on it) while it is tokenized.
             peer.predictions.pop(request_id, None)
             peer.send(Failed(id=request_id, error=prompt_too_long_error(
-                self.info.identifier, text_too_long_message(self.info.identifier, len(prompt), self.info.context_length)
+                self.info.identifier, text_too_long_message(self.info.identifier, chars, self.info.context_length)
             )))
             return
         if len(self._waiting) >= self.max_queued and not self._has_room():
@@ -334,7 +356,8 @@ class ModelActor:
         sampling = sampling_from_config(config, declared=self.backend.prediction_keys)
         run = PredictionRun(request_id, config, sampling, peer.send, self.info.model_info(), self.reported_load_config())
         self._runs[seq_id] = _Running(peer, run)
-        self._waiting.add(w.AddSequence(seq_id, prompt, sampling, run.max_tokens, policy_of(config)), peer)
+        text = prompt if isinstance(prompt, str) else w.ChatPrompt(prompt)
+        self._waiting.add(w.AddSequence(seq_id, text, sampling, run.max_tokens, policy_of(config)), peer)
         self._admit()
         if seq_id in self._runs and seq_id not in self._running:
             peer.send(Queued(id=request_id, position=len(self._waiting)))
@@ -367,7 +390,7 @@ class ModelActor:
                 self._worker.send(w.RemoveSequence(event.seq_id))
                 self._forget(event.seq_id)
         elif isinstance(event, PromptProgress):
-            run.progress(event.processed, event.total)
+            run.progress(event.processed, event.total, event.cached)
         elif isinstance(event, SequenceEnd):
             run.end(event.reason, event.text)
             self._forget(event.seq_id)

@@ -72,7 +72,8 @@ def check_events(events: object, active: Container[int]) -> list[StepEvent]:
         elif isinstance(event, SequenceEnd):
             ok = event.reason in ("eos", "length") and isinstance(event.text, str)
         elif isinstance(event, PromptProgress):
-            ok = _is_int(event.processed) and _is_int(event.total) and 0 <= event.processed
+            ok = (_is_int(event.processed) and _is_int(event.total) and 0 <= event.processed
+                  and _is_int(event.cached) and 0 <= event.cached <= max(event.total, 0))
         else:
             raise PluginValueError(f"step() returned something that is not a step event: {_short(event)}")
         if not ok:

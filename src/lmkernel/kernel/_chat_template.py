@@ -29,6 +29,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ..errors import LMKernelValueError
 from ..plugins.gguf import GGUFError, read_gguf
 
+#: How common template families end a turn. A template that writes one of these (or its
+#: ``eos_token``) ends the model's turn with it: generation stops there.
+TURN_END_MARKERS = (
+    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|END_OF_TURN_TOKEN|>",
+    "<|return|>", "</s>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
+)
+
 #: The special tokens transformers passes to a template, by their tokenizer_config.json names.
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -56,6 +63,12 @@ class ChatTemplate:
             raise LMKernelValueError(f"The model's chat template refused this conversation: {exc}") from None
         except jinja2.TemplateError as exc:
             raise LMKernelValueError(f"The model's chat template failed: {type(exc).__name__}: {exc}") from None
+
+    def turn_ends(self) -> list[str]:
+        """The texts that end an assistant turn: the ``eos_token``, and the known end markers the template writes."""
+        ends = [self.special_tokens["eos_token"]] if self.special_tokens.get("eos_token") else []
+        ends += [marker for marker in TURN_END_MARKERS if marker in self.source and marker not in ends]
+        return ends
 
 
 class _TemplateRaised(Exception):

@@ -27,7 +27,7 @@ from ._actor import ModelActor, _Waiter, seq_ids
 from ._catalog import Catalog, CatalogEntry
 from ._failures import internal_error, request_error
 from ._limits import catalog_timeout
-from ._mailbox import CancelMsg, InfoMsg, Peer, PredictMsg, TokenizeMsg, UnloadMsg
+from ._mailbox import CancelMsg, InfoMsg, Peer, PredictMsg, TemplateMsg, TokenizeMsg, UnloadMsg
 from ._placement import check_load_config, check_supported, choose_backend, new_identifier
 from ._worker import Shutdown
 from .config import (
@@ -169,6 +169,9 @@ class Kernel:
             case m.Tokenize(model=key, texts=texts):
                 if (actor := self._route(peer, request.id, key)) is not None:
                     actor.submit(TokenizeMsg(peer, request.id, texts))
+            case m.ApplyTemplate(model=key):
+                if (actor := self._route(peer, request.id, key)) is not None:
+                    actor.submit(TemplateMsg(peer, request.id, request))
             case m.GetInfo(model=key):
                 if (actor := self._route(peer, request.id, key)) is not None:
                     actor.submit(InfoMsg(peer, request.id))
@@ -284,7 +287,8 @@ class Kernel:
             return
         seq_id = next(seq_ids)
         peer.predictions[request.id] = (actor, seq_id)  # so a cancel right behind it finds it
-        actor.submit(PredictMsg(peer, request.id, seq_id, request.prompt, config))
+        messages = None if request.messages is None else tuple(request.messages)
+        actor.submit(PredictMsg(peer, request.id, seq_id, request.prompt, config, messages))
 
     # ---- loading -----------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import LlmPredictionConfig
-from .messages import Event
+from .messages import ApplyTemplate, ChatMessage, Event
 
 if TYPE_CHECKING:
     from ._actor import ModelActor
@@ -33,6 +33,7 @@ class PredictMsg:
     seq_id: int
     prompt: str
     config: LlmPredictionConfig
+    messages: tuple[ChatMessage, ...] | None = None  # a chat: rendered with the model's template
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,13 @@ class TokenizeMsg:
     peer: Peer
     request_id: int
     texts: list[str]
+
+
+@dataclass(frozen=True)
+class TemplateMsg:
+    peer: Peer
+    request_id: int
+    request: ApplyTemplate
 
 
 @dataclass(frozen=True)
@@ -64,12 +72,12 @@ class _Wake:
     """Wake the mailbox loop (recompute the idle deadline, or notice the end)."""
 
 
-Mail = PredictMsg | CancelMsg | TokenizeMsg | UnloadMsg | InfoMsg | _Wake
+Mail = PredictMsg | CancelMsg | TokenizeMsg | TemplateMsg | UnloadMsg | InfoMsg | _Wake
 _WAKE = _Wake()
 
 
 def mail_owner(item: Mail) -> tuple[Peer, int] | None:
     """The connection and request id that wait on ``item``, if any."""
-    if isinstance(item, PredictMsg | TokenizeMsg | UnloadMsg | InfoMsg):
+    if isinstance(item, PredictMsg | TokenizeMsg | TemplateMsg | UnloadMsg | InfoMsg):
         return item.peer, item.request_id
     return None

@@ -111,6 +111,7 @@ class PredictionRun:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.prompt_tokens: int | None = None
+        self.cached_tokens: int | None = None  # prompt tokens the engine took from its cache
         self.generated = 0
         self.budget_reason: StopReason = "maxPredictedTokensReached"
         self._progress = -1.0
@@ -141,7 +142,9 @@ class PredictionRun:
             return True
         return False
 
-    def progress(self, processed: int, total: int) -> None:
+    def progress(self, processed: int, total: int, cached: int = 0) -> None:
+        """``processed`` of ``total`` prompt tokens are in the cache, ``cached`` of them found there."""
+        self.cached_tokens = max(cached, self.cached_tokens or 0)
         fraction = 1.0 if total <= 0 else min(1.0, processed / total)
         self._send_progress(fraction)
 
@@ -230,4 +233,6 @@ class PredictionRun:
             prompt_tokens_count=prompt,
             predicted_tokens_count=self.generated,
             total_tokens_count=None if prompt is None else prompt + self.generated,
+            cached_prompt_tokens_count=self.cached_tokens if self.cached_tokens is not None else (
+                None if prompt is None else 0),
         )

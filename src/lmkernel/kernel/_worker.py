@@ -16,7 +16,7 @@ Failure containment lives here, at the plugin boundary:
   :data:`MAX_CONSECUTIVE_FAILURES` failures with no good step between them it gives up
   (:class:`LoadFailed`) and the model is unloaded with that reason. ``tokenize`` is pure,
   so its failure ends only the request that asked.
-* Each engine call is timed (:attr:`EngineWorker.call_started`); :class:`HangWatch`
+* Each engine call is timed (:attr:`EngineWorker.call_started`); :class:`~._hang.HangWatch`
   reports a call that runs past its limit so the actor can end what waits on it.
 
 The context window (:mod:`._context`) is applied here, where the tokens are: a prompt is cut
@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import LMKernelError, LMKernelValueError
 from ..plugins.contract import (
     Backend,
     Engine,
@@ -49,9 +50,12 @@ from ._boundary import (
     check_tokens,
 )
 from ._context import Budget, Window, fit
+from ._hang import ABANDONED
+from ._worker_chat import ChatSide
 from ._worker_messages import (
     AddSequence,
     Admitted,
+    ChatPrompt,
     Command,
     Continued,
     EngineFailed,
@@ -59,9 +63,12 @@ from ._worker_messages import (
     LoadDone,
     LoadFailed,
     LoadProgress,
+    Refused,
     Rejected,
     Reloaded,
     RemoveSequence,
+    RenderChat,
+    Rendered,
     Report,
     Shutdown,
     Stepped,
@@ -79,7 +86,8 @@ class _Sequence:
     """What the worker keeps of a sequence the engine holds.
 
     ``history`` (the prompt and every token generated, for a cut) and ``left`` (what is
-    left of ``maxTokens``) are kept only under a policy that cuts.
+    left of ``maxTokens``) are kept only under a policy that cuts. ``stops``: the tokens that
+    end it besides the engine's own end of sequence (a chat turn's end).
     """
 
     sampling: Sampling
@@ -87,6 +95,7 @@ class _Sequence:
     budget: Budget
     left: int | None
     history: list[int] | None
+    stops: frozenset[int] = frozenset()
 
 
 class _EngineError(Exception):
@@ -117,6 +126,7 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name=f"lmkernel-engine-{name}", daemon=True)
         self._active: dict[int, _Sequence] = {}
         self._start: list[int] | None = None  # what the engine starts every text with (its BOS)
+        self._chat = ChatSide(path, name)
         self._failures = 0
         #: ``(time.monotonic() at start, what)`` of the engine call in progress, else ``None``.
         self.call_started: tuple[float, str] | None = None
@@ -195,6 +205,7 @@ class EngineWorker:
             engine = self._call(doing, self._backend.load, self._path, self._options, progress)
             check_context_length(engine)
             self._start = None
+            self._chat.new_engine()
             return engine
         except _EngineError as exc:
             self._post(LoadFailed(exc.error, exc.doing))
@@ -250,24 +261,10 @@ class EngineWorker:
     def _busy(self, engine: Engine) -> bool:
         return bool(self._call("reading busy", lambda: engine.busy))
 
-    def _handle(self, engine: Engine, command: AddSequence | RemoveSequence | TokenizeTexts) -> None:
+    def _handle(self, engine: Engine, command: AddSequence | RemoveSequence | TokenizeTexts | RenderChat) -> None:
         match command:
-            case AddSequence(seq_id, prompt, sampling, max_tokens, policy):
-                try:
-                    tokens = check_tokens(self._call("while tokenizing", engine.tokenize, prompt))
-                    window = fit(tokens, engine.context_length, policy, max_tokens, lambda: self._start_tokens(engine))
-                except (_EngineError, PluginValueError) as exc:
-                    # tokenize is pure: only this prediction fails, the engine is still good.
-                    error = exc.error if isinstance(exc, _EngineError) else exc
-                    self._post(EngineFailed([seq_id], error, "while tokenizing", replacing=False))
-                    return
-                if window is None or not tokens:  # too long, or nothing to continue from
-                    self._post(Rejected(seq_id, len(tokens), engine.context_length, policy))
-                    return
-                cuts = policy != "stopAtLimit"
-                self._add(engine, seq_id, window, _Sequence(
-                    sampling, policy, window.budget, max_tokens if cuts else None, list(tokens) if cuts else None))
-                self._post(Admitted(seq_id, len(tokens), window.budget, window.dropped))
+            case AddSequence():
+                self._add_sequence(engine, command)
             case RemoveSequence(seq_id):
                 if self._active.pop(seq_id, None) is not None:
                     self._call("while removing a sequence", engine.remove, seq_id)
@@ -278,6 +275,50 @@ class EngineWorker:
                     self._post(Tokenized(request_id, None, exc.error if isinstance(exc, _EngineError) else exc))
                 else:
                     self._post(Tokenized(request_id, tokens))
+            case RenderChat(request_id, request):
+                try:
+                    text = self._render(request.messages, request.add_generation_prompt)
+                    text = self._chat.omit(text, bos=request.omit_bos_token, eos=request.omit_eos_token)
+                except LMKernelError as exc:
+                    self._post(Rendered(request_id, None, exc))
+                else:
+                    self._post(Rendered(request_id, text))
+
+    def _render(self, messages: tuple, add_generation_prompt: bool = True) -> str:
+        """Render a conversation with the model's template (timed like an engine call: a template is the model's code)."""
+        try:
+            return self._call("while rendering the chat template", self._chat.render, messages, add_generation_prompt)
+        except _EngineError as exc:
+            if isinstance(exc.error, LMKernelError):
+                raise exc.error from None
+            raise LMKernelValueError(f"The model's chat template failed: {type(exc.error).__name__}: {exc.error}") from None
+
+    def _add_sequence(self, engine: Engine, command: AddSequence) -> None:
+        seq_id, prompt, policy, max_tokens = command.seq_id, command.prompt, command.policy, command.max_tokens
+        stops: frozenset[int] = frozenset()
+        if isinstance(prompt, ChatPrompt):
+            try:
+                prompt = self._render(prompt.messages)
+            except LMKernelError as exc:  # no template, or it refused the conversation: this request only
+                self._post(Refused(seq_id, exc))
+                return
+        try:
+            if isinstance(command.prompt, ChatPrompt):
+                stops = self._call("while tokenizing", self._chat.turn_ends, engine.tokenize, self._start_tokens(engine))
+            tokens = check_tokens(self._call("while tokenizing", engine.tokenize, prompt))
+            window = fit(tokens, engine.context_length, policy, max_tokens, lambda: self._start_tokens(engine))
+        except (_EngineError, PluginValueError) as exc:
+            # tokenize is pure: only this prediction fails, the engine is still good.
+            error = exc.error if isinstance(exc, _EngineError) else exc
+            self._post(EngineFailed([seq_id], error, "while tokenizing", replacing=False))
+            return
+        if window is None or not tokens:  # too long, or nothing to continue from
+            self._post(Rejected(seq_id, len(tokens), engine.context_length, policy))
+            return
+        cuts = policy != "stopAtLimit"
+        self._add(engine, seq_id, window, _Sequence(
+            command.sampling, policy, window.budget, max_tokens if cuts else None, list(tokens) if cuts else None, stops))
+        self._post(Admitted(seq_id, len(tokens), window.budget, window.dropped))
 
     def _add(self, engine: Engine, seq_id: int, window: Window, seq: _Sequence) -> None:
         self._active[seq_id] = seq
@@ -307,6 +348,11 @@ class EngineWorker:
         for i, event in enumerate(events):
             if isinstance(event, Token):
                 seq = self._active.get(event.seq_id)
+                if seq is not None and event.token_id in seq.stops:  # the end of a chat turn
+                    del self._active[event.seq_id]
+                    self._call("while removing a sequence", engine.remove, event.seq_id)
+                    events[i] = SequenceEnd(event.seq_id, "eos")
+                    continue
                 if seq is not None and seq.history is not None:
                     seq.history.append(event.token_id)
                     if seq.left is not None:
@@ -336,62 +382,3 @@ class EngineWorker:
         self._add(engine, end.seq_id, window, seq)
         log.debug("sequence %s: context full, %d tokens cut, %d kept", end.seq_id, window.dropped, len(window.tokens))
         return Continued(end.seq_id, end.text, window.budget.reason, len(window.tokens), window.dropped)
-
-
-class HangWatch:
-    """One real-time thread per kernel that notices engine calls running past their limit.
-
-    ``on_hang(worker, doing, seconds)`` is called (from the watch thread) once per hung call;
-    it must be thread-safe. Real time, not trio's clock: a hang is a wall-clock matter.
-    """
-
-    def __init__(self, period: float = 0.25) -> None:
-        self._period = period
-        self._watched: dict[EngineWorker, tuple[Callable[[str], float], Callable[[EngineWorker, str, float], None]]] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def watch(
-        self, worker: EngineWorker, limit: Callable[[str], float], on_hang: Callable[[EngineWorker, str, float], None]
-    ) -> None:
-        """Watch ``worker``; ``limit(doing)`` gives the seconds a call doing ``doing`` may take."""
-        with self._lock:
-            self._watched[worker] = (limit, on_hang)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="lmkernel-hang-watch", daemon=True)
-                self._thread.start()
-
-    def unwatch(self, worker: EngineWorker) -> None:
-        with self._lock:
-            self._watched.pop(worker, None)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self._period)
-            with self._lock:
-                if not self._watched:
-                    self._thread = None
-                    return
-                watched = list(self._watched.items())
-            now = time.monotonic()
-            for worker, (limit, on_hang) in watched:
-                started = worker.call_started
-                if started is not None and now - started[0] > limit(started[1]):
-                    self.unwatch(worker)
-                    try:
-                        on_hang(worker, started[1], now - started[0])
-                    except Exception:  # the kernel is gone; nobody is left to tell
-                        log.exception("hang report failed")
-
-
-HANG_WATCH = HangWatch()
-
-#: Workers given up on while hung, until their threads end.
-ABANDONED: set[EngineWorker] = set()
-
-
-def join_abandoned(timeout: float) -> None:
-    """Give abandoned engine threads up to ``timeout`` seconds in all to end (at exit)."""
-    deadline = time.monotonic() + timeout
-    for worker in list(ABANDONED):
-        worker.join(max(0.0, deadline - time.monotonic()))

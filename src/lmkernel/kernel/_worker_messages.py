@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from ..plugins.contract import Sampling, StepEvent
 from ._context import Budget
 from .config import ContextOverflowPolicy
-from .messages import StopReason
+from .messages import ApplyTemplate, ChatMessage, StopReason
 
 __all__ = [
     "AddSequence",
     "Admitted",
+    "ChatPrompt",
     "Command",
     "Continued",
     "EngineFailed",
@@ -23,9 +24,12 @@ __all__ = [
     "LoadDone",
     "LoadFailed",
     "LoadProgress",
+    "Refused",
     "Rejected",
     "Reloaded",
     "RemoveSequence",
+    "RenderChat",
+    "Rendered",
     "Report",
     "Shutdown",
     "Stepped",
@@ -37,9 +41,16 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation, rendered by the worker with the model's chat template (generation prompt added)."""
+
+    messages: tuple[ChatMessage, ...]
+
+
+@dataclass(frozen=True)
 class AddSequence:
     seq_id: int
-    prompt: str
+    prompt: str | ChatPrompt
     sampling: Sampling
     max_tokens: int | None
     policy: ContextOverflowPolicy
@@ -57,11 +68,17 @@ class TokenizeTexts:
 
 
 @dataclass(frozen=True)
+class RenderChat:
+    request_id: int
+    request: ApplyTemplate
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
 
-Command = AddSequence | RemoveSequence | TokenizeTexts | Shutdown
+Command = AddSequence | RemoveSequence | TokenizeTexts | RenderChat | Shutdown
 
 # ---- reports (worker -> actor) --------------------------------------------------------
 
@@ -100,6 +117,14 @@ class Rejected:
     prompt_tokens: int
     context_length: int
     policy: ContextOverflowPolicy
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The request of ``seq_id`` cannot run as asked (its chat cannot be rendered): ``error`` says why."""
+
+    seq_id: int
+    error: BaseException
 
 
 @dataclass(slots=True)
@@ -149,10 +174,18 @@ class Tokenized:
 
 
 @dataclass(frozen=True)
+class Rendered:
+    request_id: int
+    text: str | None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
 class Exited:
     pass
 
 
 Report = (
-    LoadProgress | LoadDone | LoadFailed | Admitted | Rejected | Stepped | EngineFailed | Reloaded | Tokenized | Exited
+    LoadProgress | LoadDone | LoadFailed | Admitted | Rejected | Refused | Stepped | EngineFailed | Reloaded
+    | Tokenized | Rendered | Exited
 )

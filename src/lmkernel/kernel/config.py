@@ -95,7 +95,10 @@ class LlmLoadModelConfig(PublicStruct):
     lmkernel's own additions: ``backend``, the backend to load with (overriding the
     automatic choice); ``max_concurrent_predictions``, how many predictions run together
     in one batch (default 16); ``max_queued_predictions``, how many more may wait for a
-    place before new ones are refused (default 256).
+    place before new ones are refused (default 256); ``prompt_cache_bytes``, the most memory
+    the model's prompt cache may keep (earlier turns of a conversation, shared prefixes; least
+    recently used entries go first; 0 turns reuse off; default 1 GiB on MLX, while llama.cpp
+    keeps its cache in the cells its slots already reserve).
     """
 
     gpu: dict[str, Any] | None = None
@@ -116,6 +119,7 @@ class LlmLoadModelConfig(PublicStruct):
     backend: str | None = None
     max_concurrent_predictions: int | None = None
     max_queued_predictions: int | None = None
+    prompt_cache_bytes: int | None = None
 
 
 DEFAULT_MAX_CONCURRENT = 16
@@ -200,6 +204,7 @@ _LOAD_RULES: dict[str, _Rule] = {
     "numExperts": (_COUNT, _whole(1, INT32_MAX)),
     "maxConcurrentPredictions": (_COUNT, _whole(1, INT32_MAX)),
     "maxQueuedPredictions": (f"an integer from 0 to {INT32_MAX}", _whole(0, INT32_MAX)),
+    "promptCacheBytes": (f"an integer from 0 to {INT64_MAX} (0: no prompt cache)", _whole(0, INT64_MAX)),
     "seed": (f"an integer from 0 to {INT64_MAX}", _whole(0, INT64_MAX)),
     "ropeFrequencyBase": ("a finite number >= 0 (0: the model's own)", _at_least(0.0)),
     "ropeFrequencyScale": ("a finite number >= 0 (0: the model's own)", _at_least(0.0)),

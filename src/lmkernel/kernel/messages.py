@@ -45,6 +45,9 @@ class LlmPredictionStats(PublicStruct):
     time since the first (1 / time to first token for a one-token prediction).
     ``prompt_tokens_count``, ``predicted_tokens_count`` (generated tokens, EOS excluded),
     ``total_tokens_count``: counted, not estimated. Draft-model fields stay ``None``.
+    ``cached_prompt_tokens_count`` (lmkernel's addition): how many of the prompt tokens came
+    from the model's prompt cache (a conversation's earlier turns, a shared prefix) instead
+    of being computed again; ``0`` when none did, ``None`` when the prompt never reached the model.
     """
 
     stop_reason: StopReason
@@ -59,6 +62,7 @@ class LlmPredictionStats(PublicStruct):
     accepted_draft_tokens_count: int | None = None
     rejected_draft_tokens_count: int | None = None
     ignored_draft_tokens_count: int | None = None
+    cached_prompt_tokens_count: int | None = None
 
 
 class LlmInfo(PublicStruct, tag_field="type", tag="llm"):
@@ -92,6 +96,19 @@ class LlmInstanceInfo(LlmInfo, tag="llm"):
         return msgspec.convert(msgspec.to_builtins(self), LlmInfo)
 
 
+ChatRole = Literal["system", "user", "assistant"]
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One message of a conversation as the kernel renders it: its ``role`` and its text.
+
+    The SDK's :class:`~lmkernel.Chat` flattens each message to this (text parts joined).
+    """
+
+    role: ChatRole
+    content: str
+
+
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """An error as data: ``kind`` picks the exception class on the client side."""
 
@@ -122,11 +139,26 @@ class Load(Request, tag="load"):
 
 
 class Predict(Request, tag="predict"):
-    """Complete ``prompt`` with the loaded model ``model`` (an instance identifier)."""
+    """Complete ``prompt`` with the loaded model ``model`` (an instance identifier).
+
+    With ``messages`` it is a chat turn (``respond``): the kernel renders the conversation
+    with the model's chat template, generation prompt added, and ``prompt`` is unused.
+    """
 
     model: str
-    prompt: str
+    prompt: str = ""
     config: dict[str, Any] = {}
+    messages: list[ChatMessage] | None = None
+
+
+class ApplyTemplate(Request, tag="apply_template"):
+    """Render ``messages`` with the model's chat template (answered by :class:`TemplateText`)."""
+
+    model: str
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    omit_bos_token: bool = False  # leave out the template's start token where it opens the text
+    omit_eos_token: bool = False  # leave out the template's end token where it closes the text
 
 
 class Cancel(Request, tag="cancel"):
@@ -163,7 +195,7 @@ class Hello(Request, tag="hello"):
     client: str = ""
 
 
-AnyRequest = Load | Predict | Cancel | Unload | Tokenize | GetInfo | ListLoaded | ListDownloaded | Hello
+AnyRequest = Load | Predict | ApplyTemplate | Cancel | Unload | Tokenize | GetInfo | ListLoaded | ListDownloaded | Hello
 
 # ---------------------------------------------------------------------------------------
 # Events (kernel -> client)
@@ -220,6 +252,12 @@ class TokenLists(Event, tag="tokens"):
     tokens: list[list[int]]
 
 
+class TemplateText(Event, tag="template_text"):
+    """A conversation rendered with the model's chat template."""
+
+    text: str
+
+
 class InstanceInfo(Event, tag="instance_info"):
     info: LlmInstanceInfo
     load_config: dict[str, Any] = {}
@@ -254,6 +292,7 @@ AnyEvent = (
     | Finished
     | Failed
     | TokenLists
+    | TemplateText
     | InstanceInfo
     | LoadedList
     | DownloadedList
@@ -261,7 +300,7 @@ AnyEvent = (
     | Welcome
 )
 
-TERMINAL_EVENTS = (Loaded, Finished, Failed, TokenLists, InstanceInfo, LoadedList, DownloadedList, Done, Welcome)
+TERMINAL_EVENTS = (Loaded, Finished, Failed, TokenLists, TemplateText, InstanceInfo, LoadedList, DownloadedList, Done, Welcome)
 
 # Socket transport: a connection starts with MAGIC, then frames, each a 4-byte big-endian
 # length and that many bytes of msgpack. Larger frames are refused.

@@ -184,7 +184,7 @@ class KernelThread:
             self._thread.join(timeout)
         # Engine threads abandoned while hung in a plugin call get a bounded chance to end
         # before the interpreter goes (a thread still in native code at exit can abort it).
-        from ._worker import join_abandoned
+        from ._hang import join_abandoned
 
         join_abandoned(ABANDONED_GRACE)
 

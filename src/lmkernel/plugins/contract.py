@@ -123,7 +123,8 @@ class LoadOptions:
     ``context_length`` is the context the kernel will enforce (``None``: the model's own);
     ``max_batch`` the most sequences the kernel will run at once (``maxConcurrentPredictions``);
     ``extra`` holds the other load-config keys (camelCase) the backend declared in
-    :attr:`Backend.load_keys`.
+    :attr:`Backend.load_keys` (``promptCacheBytes``, the bound on memory an engine keeps for
+    its prompt cache, among them when declared: 0 turns reuse off).
     """
 
     context_length: int | None = None
@@ -162,11 +163,18 @@ class Sampling:
 
 @dataclass(slots=True)
 class PromptProgress:
-    """``processed`` of ``total`` prompt tokens are in the cache."""
+    """``processed`` of ``total`` prompt tokens are in the cache.
+
+    ``cached``: how many of the prompt's first tokens the engine found already computed (a
+    prefix kept from an earlier sequence) instead of computing them; an engine with a prompt
+    cache reports it in the sequence's first ``PromptProgress`` (then ``processed >= cached``).
+    The kernel reports it as ``LlmPredictionStats.cached_prompt_tokens_count``.
+    """
 
     seq_id: int
     processed: int
     total: int
+    cached: int = 0
 
 
 @dataclass(slots=True)

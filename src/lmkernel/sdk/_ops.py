@@ -147,9 +147,11 @@ class PreparedPrediction:
 
 
 def prepare_prediction(
-    identifier: str, prompt: str, *, response_format: Any, config: Any, preset: str | None, **callbacks: Any
+    identifier: str, prompt: str | list[m.ChatMessage], *, response_format: Any, config: Any, preset: str | None,
+    **callbacks: Any,
 ) -> PreparedPrediction:
-    """Everything ``complete_stream`` does before a stream exists, for both facades.
+    """Everything ``complete_stream`` (a prompt) and ``respond_stream`` (a conversation's messages, from
+    :func:`~.history.history_messages`) do before a stream exists, for both facades.
 
     Validates ``config`` and refuses what cannot be honoured (raising before any compute).
     An unknown preset is the server's answer in LM Studio: it surfaces from the stream
@@ -163,12 +165,54 @@ def prepare_prediction(
     return PreparedPrediction(predict_request(identifier, prompt, config), callbacks, refused)
 
 
-def predict_request(identifier: str, prompt: str, config: Any) -> Callable[[int], m.Predict]:
+def predict_request(identifier: str, prompt: str | list[m.ChatMessage], config: Any) -> Callable[[int], m.Predict]:
     """Validate ``config`` now (before any compute) and build the request factory."""
     check_text(identifier, "A model identifier")
-    check_text(prompt, "The prompt")
     settings = parse_prediction_config(config).to_dict()
+    if not isinstance(prompt, str):
+        return lambda i: m.Predict(id=i, model=identifier, messages=prompt, config=settings)
+    check_text(prompt, "The prompt")
     return lambda i: m.Predict(id=i, model=identifier, prompt=prompt, config=settings)
+
+
+#: ``apply_prompt_template`` options (LM Studio's ``LlmApplyPromptTemplateOpts``), camelCase -> snake_case.
+_TEMPLATE_OPTS = {"omitBosToken": "omit_bos_token", "omitEosToken": "omit_eos_token", "toolDefinitions": "tool_definitions"}
+
+
+def apply_template(identifier: str, messages: list[m.ChatMessage], opts: Any) -> Call[str]:
+    """Render ``messages`` with the model's chat template (LM Studio's ``apply_prompt_template``).
+
+    ``opts``: a dict (camelCase or snake_case keys) or ``None``: ``omitBosToken`` /
+    ``omitEosToken`` leave out the template's start and end tokens where they open or close
+    the text; ``toolDefinitions`` belongs to tool use, which lmkernel lacks.
+    """
+    check_text(identifier, "A model identifier")
+    if opts is None:
+        opts = {}
+    if hasattr(opts, "to_dict"):
+        opts = opts.to_dict()
+    if not isinstance(opts, dict):
+        raise LMKernelValueError(f"apply_prompt_template() opts must be a dict, got {show(opts)}")
+    flags = {"omit_bos_token": False, "omit_eos_token": False}
+    for key, value in opts.items():
+        name = _TEMPLATE_OPTS.get(key, key)
+        if name == "tool_definitions":
+            if value:
+                from .._compat._missing import not_implemented
+
+                raise not_implemented("tools", "apply_prompt_template(opts={'toolDefinitions': ...})")
+            continue
+        if name not in flags:
+            raise LMKernelValueError(
+                f"Unknown apply_prompt_template() option {key!r}: the options are omitBosToken, omitEosToken"
+            )
+        if not isinstance(value, bool):
+            raise LMKernelValueError(f"apply_prompt_template() option {key!r} must be True or False, got {show(value)}")
+        flags[name] = value
+    return Call(
+        lambda i: m.ApplyTemplate(id=i, model=identifier, messages=messages, **flags),
+        lambda ev: expect(ev, m.TemplateText).text,
+    )
 
 
 def check_namespace(namespace: str | None) -> None:

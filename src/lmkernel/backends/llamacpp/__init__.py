@@ -50,7 +50,7 @@ class LlamaCppBackend(Backend):
     prediction_keys = frozenset(
         {"temperature", "topKSampling", "topPSampling", "minPSampling", "repeatPenalty"}
     )
-    load_keys = frozenset({"seed", "evalBatchSize", "flashAttention", "tryMmap", "keepModelInMemory", "gpu"})
+    load_keys = frozenset({"seed", "evalBatchSize", "flashAttention", "tryMmap", "keepModelInMemory", "gpu", "promptCacheBytes"})
     #: Above MLX's 10: a GGUF file both accept goes to llama.cpp, LM Studio's engine for GGUF.
     priority = 20
 

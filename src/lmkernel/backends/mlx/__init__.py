@@ -264,7 +264,7 @@ class MLXBackend(Backend):
     prediction_keys = frozenset(
         {"temperature", "topKSampling", "topPSampling", "minPSampling", "repeatPenalty"}
     )
-    load_keys = frozenset({"seed", "evalBatchSize"})
+    load_keys = frozenset({"seed", "evalBatchSize", "promptCacheBytes"})
     priority = 10
 
     def availability(self) -> Availability:
