@@ -58,10 +58,6 @@ def test_a_missing_function_raises_when_called(name):
 
 
 def test_the_documented_entry_points_of_missing_features_name_their_feature():
-    with pytest.raises(lms.LMKernelNotImplementedError, match=r"^Chat .*lms\.Chat belongs to it"):
-        lms.Chat("You are a helpful assistant.")
-    with pytest.raises(lms.LMKernelNotImplementedError, match=r"^Chat .*lms\.Chat\.from_history belongs"):
-        lms.Chat.from_history({"messages": []})
     with pytest.raises(lms.LMKernelNotImplementedError, match=r"^Embedding .*lms\.embedding_model\(\)"):
         lms.embedding_model("nomic-embed-text-v1.5")
     with pytest.raises(lms.LMKernelNotImplementedError, match=r"^Image input .*lms\.prepare_image\(\)"):
@@ -75,7 +71,7 @@ def test_the_documented_entry_points_of_missing_features_name_their_feature():
 
 
 def test_the_table_is_the_only_place_a_stub_comes_from():
-    assert set(_missing.NOT_IMPLEMENTED.values()) == set(_missing.FEATURES)
+    assert set(_missing.NOT_IMPLEMENTED.values()) <= set(_missing.FEATURES)  # a feature may have no names left
     assert _missing.STUBS.keys() == _missing.NOT_IMPLEMENTED.keys()
     for name, stub in _missing.STUBS.items():
         assert getattr(lms, name) is stub, name

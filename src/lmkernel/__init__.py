@@ -16,7 +16,7 @@ from .kernel.config import LlmLoadModelConfig, LlmPredictionConfig, LlmStructure
 from .kernel.messages import LlmInfo, LlmInstanceInfo, LlmPredictionStats
 from .sdk import *  # noqa: F403 - after _compat: a feature the SDK implements replaces its stub
 from .sdk import __all__ as _sdk_all
-from .sdk import async_api, sync_api
+from .sdk import async_api, history, sync_api
 from .sdk._ops import DEFAULT_TTL
 from .testing import build_tiny_llama
 

@@ -22,7 +22,9 @@ from ..sdk import (
     AsyncDownloadedLlm,
     DownloadedLlm,
     LlmPredictionFragment,
+    SystemPrompt,
     TextData,
+    UserMessage,
 )
 from ._config_dicts import LlmStructuredPredictionSettingDict
 from ._missing import STUBS
@@ -102,6 +104,6 @@ SystemPromptContent = TextData
 UserMessageContent = TextData | STUBS["FileHandle"]
 AssistantResponseContent = TextData | STUBS["FileHandle"]
 AnyChatMessage = (
-    AssistantResponse | STUBS["UserMessage"] | STUBS["SystemPrompt"] | STUBS["ToolResultMessage"]
+    AssistantResponse | UserMessage | SystemPrompt | STUBS["ToolResultMessage"]
 )
 ToolDefinition = STUBS["ToolFunctionDef"] | STUBS["ToolFunctionDefDict"] | Callable[..., Any]

@@ -33,13 +33,6 @@ FEATURES: dict[str, str] = {
 
 # LM Studio name -> feature. A name starting with a lowercase letter is a function.
 NOT_IMPLEMENTED: dict[str, str] = {
-    "AnyChatMessageDict": "chat",
-    "Chat": "chat",
-    "ChatHistoryData": "chat",
-    "ChatHistoryDataDict": "chat",
-    "SystemPrompt": "chat",
-    "UserMessage": "chat",
-    "UserMessageDict": "chat",
     "ActResult": "tools",
     "PredictionRoundResult": "tools",
     "ToolCallRequest": "tools",

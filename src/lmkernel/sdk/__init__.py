@@ -1,6 +1,15 @@
 """The user-facing API: sync, asyncio and trio facades over one prediction state."""
 
 from .async_api import AsyncClient, AsyncDownloadedLlm, AsyncLLM, AsyncPredictionStream
+from .history import (
+    AnyChatMessageDict,
+    Chat,
+    ChatHistoryData,
+    ChatHistoryDataDict,
+    SystemPrompt,
+    UserMessage,
+    UserMessageDict,
+)
 from .sync_api import (
     LLM,
     Client,
@@ -18,17 +27,24 @@ from .types import AssistantResponse, LlmPredictionFragment, PredictionResult, T
 
 __all__ = [
     "LLM",
+    "AnyChatMessageDict",
     "AssistantResponse",
     "AsyncClient",
     "AsyncDownloadedLlm",
     "AsyncLLM",
     "AsyncPredictionStream",
+    "Chat",
+    "ChatHistoryData",
+    "ChatHistoryDataDict",
     "Client",
     "DownloadedLlm",
     "LlmPredictionFragment",
     "PredictionResult",
     "PredictionStream",
+    "SystemPrompt",
     "TextData",
+    "UserMessage",
+    "UserMessageDict",
     "configure_default_client",
     "get_default_client",
     "get_sync_api_timeout",
