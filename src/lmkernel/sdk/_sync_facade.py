@@ -23,6 +23,7 @@ from ._connection import ClientLink, Connection, resolve_host
 from ._ops import DEFAULT_TTL
 from ._public import public_api
 from ._sync_stream import PredictionStream
+from .history import Chat, ChatHistoryDataDict, history_messages
 from .types import AssistantResponse, LlmPredictionFragment, PredictionResult
 
 __all__ = ["Client", "DownloadedLlm", "LLM", "PredictionStream"]
@@ -108,22 +109,50 @@ class LLM:
         """Unload this instance."""
         self._session.unload(self.identifier)
 
-    # LM Studio's chat and tool API: named here so that programs fail where they use it.
+    @public_api
+    def respond_stream(
+        self,
+        history: Chat | ChatHistoryDataDict | str,
+        *,
+        response_format: Any = None,
+        config: LlmPredictionConfig | dict[str, Any] | None = None,
+        preset: str | None = None,
+        on_message: Callable[[AssistantResponse], Any] | None = None,
+        on_first_token: Callable[[], Any] | None = None,
+        on_prediction_fragment: Callable[[LlmPredictionFragment], Any] | None = None,
+        on_prompt_processing_progress: Callable[[float], Any] | None = None,
+    ) -> PredictionStream:
+        """Start the model's reply to a conversation (a :class:`Chat`, its dict form, or one user
+        message as a string), rendered with the model's own chat template; returns a lazy stream.
+
+        The text ends where the model ends its turn. ``history`` and ``config`` are validated here.
+        """
+        prepared = _ops.prepare_prediction(
+            self.identifier, history_messages(history), response_format=response_format, config=config,
+            preset=preset, on_message=on_message, on_first_token=on_first_token,
+            on_prediction_fragment=on_prediction_fragment,
+            on_prompt_processing_progress=on_prompt_processing_progress,
+        )
+        connection = self._session._client._connection()
+        return PredictionStream(connection, prepared.make, prepared.callbacks, prepared.refused)
 
     @public_api
-    def respond(self, history: Any, **kwargs: Any) -> PredictionResult:
-        """Chat: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
-        raise not_implemented("chat", "model.respond()")
+    def respond(self, history: Chat | ChatHistoryDataDict | str, **kwargs: Any) -> PredictionResult:
+        """The model's reply to a conversation (same keyword arguments as ``respond_stream``)."""
+        stream = self.respond_stream(history, **kwargs)
+        return stream.wait_for_result()
 
     @public_api
-    def respond_stream(self, history: Any, **kwargs: Any) -> PredictionStream:
-        """Chat: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
-        raise not_implemented("chat", "model.respond_stream()")
+    def apply_prompt_template(
+        self, history: Chat | ChatHistoryDataDict | str, opts: dict[str, Any] | None = None
+    ) -> str:
+        """The conversation as the model reads it: rendered with its chat template, generation prompt added.
 
-    @public_api
-    def apply_prompt_template(self, history: Any, **kwargs: Any) -> str:
-        """Chat templates: not in lmkernel yet (raises :class:`LMKernelNotImplementedError`)."""
-        raise not_implemented("chat", "model.apply_prompt_template()")
+        ``opts``: ``omitBosToken`` / ``omitEosToken`` (LM Studio's options).
+        """
+        return self._session._client._call(_ops.apply_template(self.identifier, history_messages(history), opts))
+
+    # LM Studio's tool API: named here so that programs fail where they use it.
 
     @public_api
     def act(self, chat: Any, tools: Any, **kwargs: Any) -> Any:
