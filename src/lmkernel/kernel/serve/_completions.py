@@ -1,15 +1,19 @@
-"""The ``/v1/completions`` request: its schema, its checks, and how errors map to HTTP.
+"""The ``/v1/completions`` request, and what both prediction endpoints share.
 
 I/O-free: :func:`parse_completion` turns a body into a :class:`CompletionRequest` or an
-:class:`HttpError` (400) naming the field; :func:`prediction_config` maps it onto the
-kernel's prediction config with OpenAI's defaults; :func:`raw_response` writes an error
-response outside h11's state machine.
+:class:`HttpError` (400) naming the field, and :func:`completion_job` into the :class:`Job`
+the HTTP handler runs; :func:`prediction_config` maps the sampling fields onto the kernel's
+prediction config with OpenAI's defaults; a :class:`Shape` says how an endpoint words its
+answers (``/v1/chat/completions`` has its own, in :mod:`._chat_completions`);
+:func:`raw_response` writes an error response outside h11's state machine.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -97,6 +101,12 @@ def _number(value: object) -> str:
     return repr(value)
 
 
+def show(value: object) -> str:
+    """A caller's value for an error message, kept short."""
+    text = _number(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def parse_completion(body: bytes) -> CompletionRequest:
     """Decode and check a ``/v1/completions`` body; :class:`HttpError` (400) names the field."""
     try:
@@ -111,27 +121,56 @@ def parse_completion(body: bytes) -> CompletionRequest:
         "frequency_penalty": request.frequency_penalty != 0, "presence_penalty": request.presence_penalty != 0,
         "seed": request.seed is not None,
     }
-    for field, refused in refusals.items():
-        if refused:
-            raise HttpError(400, f"'{field}' is not supported by lmkernel's completions endpoint "
-                                 f"(got {_number(getattr(request, field))})", field)
+    refuse(refusals, request, "completions")
     if isinstance(request.prompt, list) and len(request.prompt) != 1:
         raise HttpError(400, f"'prompt' must be a string or a list of one string, got {len(request.prompt)} strings",
                         "prompt")
-    if request.max_tokens is not None and not 1 <= request.max_tokens <= INT64_MAX:
-        raise HttpError(400, f"'max_tokens' must be an integer from 1 to {INT64_MAX} (or null: no limit), "
-                             f"got {_number(request.max_tokens)}", "max_tokens")
+    check_max_tokens("max_tokens", request.max_tokens)
+    check_finite(request)
+    return request
+
+
+def check_max_tokens(field: str, value: int | None) -> None:
+    """Refuse a token limit outside 1 ... 2**63-1 (``None``: no limit)."""
+    if value is not None and not 1 <= value <= INT64_MAX:
+        raise HttpError(400, f"'{field}' must be an integer from 1 to {INT64_MAX} (or null: no limit), "
+                             f"got {_number(value)}", field)
+
+
+def check_finite(request: Any) -> None:
+    """Refuse a ``temperature`` or ``top_p`` that is not a finite number."""
     for field in ("temperature", "top_p"):
         value = getattr(request, field)
         if value is not None and not math.isfinite(value):
             raise HttpError(400, f"'{field}' must be a finite number, got {value!r}", field)
-    return request
 
 
-def prediction_config(request: CompletionRequest) -> dict[str, Any]:
+def refuse(refusals: dict[str, bool], request: Any, endpoint: str) -> None:
+    """Raise a 400 naming the first field whose value lmkernel cannot honour (``refusals[field]`` true)."""
+    for field, refused in refusals.items():
+        if refused:
+            raise HttpError(400, f"'{field}' is not supported by lmkernel's {endpoint} endpoint "
+                                 f"(got {show(getattr(request, field))})", field)
+
+
+def completion_job(body: bytes) -> Job:
+    """The prediction a ``/v1/completions`` body asks for (:class:`HttpError` if it cannot be run)."""
+    request = parse_completion(body)
+    return Job(
+        model=request.model, shape=TEXT,
+        prompt=request.prompt if isinstance(request.prompt, str) else request.prompt[0],
+        config=prediction_config(temperature=request.temperature, top_p=request.top_p,
+                                 max_tokens=request.max_tokens, stop=request.stop),
+        stream=request.stream, include_usage=bool(request.stream_options and request.stream_options.include_usage),
+    )
+
+
+def prediction_config(*, temperature: float | None, top_p: float | None, max_tokens: int | None,
+                      stop: str | list[str] | None) -> dict[str, Any]:
+    """The kernel's prediction config for these OpenAI fields (``None``: OpenAI's default)."""
     config: dict[str, Any] = {
-        "temperature": 1.0 if request.temperature is None else request.temperature,
-        "topPSampling": False if request.top_p in (None, 1.0) else request.top_p,
+        "temperature": 1.0 if temperature is None else temperature,
+        "topPSampling": False if top_p in (None, 1.0) else top_p,
         "topKSampling": 0,
         "minPSampling": False,
         "repeatPenalty": False,
@@ -139,8 +178,62 @@ def prediction_config(request: CompletionRequest) -> dict[str, Any]:
         # (finish_reason "length"); it never cuts a prompt as the SDK's default policy does.
         "contextOverflowPolicy": "stopAtLimit",
     }
-    if request.max_tokens is not None:
-        config["maxTokens"] = request.max_tokens
-    if request.stop is not None:
-        config["stopStrings"] = [request.stop] if isinstance(request.stop, str) else request.stop
+    if max_tokens is not None:
+        config["maxTokens"] = max_tokens
+    if stop is not None:
+        config["stopStrings"] = [stop] if isinstance(stop, str) else stop
     return config
+
+
+def usage(stats: m.LlmPredictionStats) -> dict[str, Any]:
+    """The ``usage`` object of an answer: tokens read, tokens written, prompt tokens found in the cache."""
+    prompt = stats.prompt_tokens_count or 0
+    completion = stats.predicted_tokens_count or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_prompt_tokens_count or 0}}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How an endpoint words its answers: the ``id`` prefix, the objects' names, and each choice.
+
+    ``whole(text, finish_reason)`` is the choice of a whole answer; ``delta(text, finish_reason)``
+    a stream chunk's (``text`` ``None`` in the last chunk, ``finish_reason`` ``None`` before it);
+    ``opening``, when set, the choice of a chunk sent before the first text.
+    """
+
+    id_prefix: str
+    whole_object: str
+    chunk_object: str
+    whole: Callable[[str, str], dict[str, Any]]
+    delta: Callable[[str | None, str | None], dict[str, Any]]
+    opening: dict[str, Any] | None = None
+
+
+TEXT = Shape(
+    "cmpl-", "text_completion", "text_completion",
+    whole=lambda text, finish: {"text": text, "index": 0, "logprobs": None, "finish_reason": finish},
+    delta=lambda text, finish: {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish},
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """One prediction an HTTP request asks for: the model it names, what the kernel is sent, how to answer.
+
+    ``prompt`` is completed as it is; ``messages``, when set, are a conversation the kernel
+    renders with the model's chat template. ``config`` is the kernel's prediction config.
+    """
+
+    model: str | None
+    shape: Shape
+    config: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    prompt: str = ""
+    messages: list[m.ChatMessage] | None = None
+
+    def predict(self, identifier: str) -> Callable[[int], m.Predict]:
+        """The request factory for the loaded instance ``identifier``."""
+        return lambda i: m.Predict(id=i, model=identifier, prompt=self.prompt, config=self.config,
+                                   messages=self.messages)

@@ -1,12 +1,19 @@
-"""An OpenAI-compatible HTTP API on the kernel: ``/v1/models``, ``/v1/completions``, ``/health``.
+"""An OpenAI-compatible HTTP API on the kernel: ``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions``, ``/health``.
 
 HTTP/1.1 with keep-alive, parsed by ``h11``. ``/v1/completions`` takes the legacy
 completions body (``model``, ``prompt``, ``max_tokens``, ``temperature``, ``top_p``, ``stop``,
-``stream``, ``stream_options.include_usage``); a field lmkernel cannot honour, or does not
-know, is a 400 naming the field, never silently ignored. Streams are server-sent events
-ending in ``data: [DONE]``. A client that goes away (the socket ends, mid-stream or while a
-whole answer is being generated) has its generation cancelled. Defaults are OpenAI's: 16
-tokens, temperature 1, top-p 1, no other sampler.
+``stream``, ``stream_options.include_usage``; :mod:`._completions`); ``/v1/chat/completions``
+a conversation (``messages``, the same sampling fields, ``max_completion_tokens``;
+:mod:`._chat_completions`), rendered by the kernel with the model's chat template. A field
+lmkernel cannot honour, or does not know, is a 400 naming the field, never silently ignored.
+Both endpoints run through one path (:meth:`OpenAIHandler._predict`: model policy, load,
+prediction, answer); a :class:`~._completions.Shape` words each one's answers. Streams are
+server-sent events ending in ``data: [DONE]``; a failure before the first byte is an HTTP
+error, one after it an SSE error object then ``[DONE]``. A client that goes away (the socket
+ends, mid-stream or while a whole answer is being generated) has its generation cancelled.
+Defaults are OpenAI's: temperature 1, top-p 1, no other sampler; 16 tokens for a completion,
+no limit for a chat answer (its end of turn, or the context, ends it).
 
 Every malformed input gets an answer: 400 (bad JSON, bad field, malformed HTTP), 408 (head
 or body too slow), 413 (body too large), 431 (head too large). ``model`` goes through the
@@ -30,18 +37,20 @@ import trio
 from .. import messages as m
 from .._kernel import Kernel
 from ._caller import KernelCaller
+from ._chat_completions import chat_job
 from ._completions import (
     _FINISH,
     _STATUS,
     EVENT_BYTES,
     MAX_BODY,
     MAX_HEAD,
-    CompletionRequest,
     HttpError,
+    Job,
+    Shape,
     _failure,
-    parse_completion,
-    prediction_config,
+    completion_job,
     raw_response,
+    usage,
 )
 from ._limits import Slot, send_all
 from ._policy import ModelPolicy, PolicyError
@@ -50,6 +59,9 @@ if TYPE_CHECKING:
     from . import ServeConfig
 
 log = logging.getLogger("lmkernel.serve")
+
+_JOBS: dict[str, Callable[[bytes], Job]] = {"/v1/completions": completion_job, "/v1/chat/completions": chat_job}
+
 
 class _Timeout(Exception):
     pass
@@ -197,9 +209,9 @@ class OpenAIHandler:
                                 kind="authentication_error")
             if path == "/v1/models" and method in ("GET", "HEAD"):
                 await self._models()
-            elif path == "/v1/completions" and method == "POST":
-                await self._completions(parse_completion(body))
-            elif path in ("/health", "/v1/models", "/v1/completions"):
+            elif path in _JOBS and method == "POST":
+                await self._predict(_JOBS[path](body))
+            elif path in ("/health", "/v1/models", *_JOBS):
                 raise HttpError(405, f"{method} is not allowed on {path}")
             else:
                 raise HttpError(404, f"No route {method} {path[:200]}", kind="not_found_error")
@@ -253,9 +265,10 @@ class OpenAIHandler:
         await self._json(200, {"object": "list", "data": [
             {"id": key, "object": "model", "created": 0, "owned_by": "lmkernel"} for key in ids]})
 
-    async def _completions(self, request: CompletionRequest) -> None:
+    async def _predict(self, job: Job) -> None:
+        """Admit and load the model ``job`` names, run its prediction, and answer (whole or streamed)."""
         try:
-            admission = await self.policy.admit(request.model)
+            admission = await self.policy.admit(job.model)
         except PolicyError as exc:
             raise HttpError(_STATUS.get(exc.kind, 400), exc.message, "model") from None
         caller = KernelCaller(self.kernel, on_overflow=self.slot.scope.cancel,
@@ -268,19 +281,17 @@ class OpenAIHandler:
             if isinstance(loaded, m.Failed):
                 raise HttpError(_STATUS.get(loaded.error.kind, 500), loaded.error.message, "model")
             identifier = loaded.info.identifier
-            prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
-            config = prediction_config(request)
-            _, events = caller.open(lambda i: m.Predict(id=i, model=identifier, prompt=prompt, config=config))
-            meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": identifier}
-            if request.stream:
-                include_usage = bool(request.stream_options and request.stream_options.include_usage)
-                await self._while_connected(lambda: self._stream(events, meta, include_usage))
+            _, events = caller.open(job.predict(identifier))
+            meta = {"id": f"{job.shape.id_prefix}{uuid.uuid4().hex}", "created": int(time.time()),
+                    "model": identifier}
+            if job.stream:
+                await self._while_connected(lambda: self._stream(events, meta, job.shape, job.include_usage))
             else:
-                await self._while_connected(lambda: self._whole(events, meta))
+                await self._while_connected(lambda: self._whole(events, meta, job.shape))
         finally:
             caller.close()  # cancels the prediction if it is still running (the client left)
 
-    async def _whole(self, events: trio.MemoryReceiveChannel, meta: dict) -> None:
+    async def _whole(self, events: trio.MemoryReceiveChannel, meta: dict, shape: Shape) -> None:
         parts: list[str] = []
         async for event in events:
             if isinstance(event, m.Fragment):
@@ -288,15 +299,12 @@ class OpenAIHandler:
             elif isinstance(event, m.Failed):
                 raise _failure(event.error)
             elif isinstance(event, m.Finished):
-                await self._json(200, {
-                    **meta, "object": "text_completion",
-                    "choices": [{"text": "".join(parts), "index": 0, "logprobs": None,
-                                 "finish_reason": _FINISH.get(event.stats.stop_reason, "stop")}],
-                    "usage": _usage(event.stats),
-                })
+                finish = _FINISH.get(event.stats.stop_reason, "stop")
+                await self._json(200, {**meta, "object": shape.whole_object,
+                                       "choices": [shape.whole("".join(parts), finish)], "usage": usage(event.stats)})
                 return
 
-    async def _stream(self, events: trio.MemoryReceiveChannel, meta: dict, include_usage: bool) -> None:
+    async def _stream(self, events: trio.MemoryReceiveChannel, meta: dict, shape: Shape, include_usage: bool) -> None:
         first = await events.receive()
         while isinstance(first, (m.PromptProgress, m.FirstToken)):
             first = await events.receive()
@@ -304,26 +312,21 @@ class OpenAIHandler:
             raise _failure(first.error)
         await self._send(h11.Response(status_code=200, reason="OK", headers=[
             ("content-type", "text/event-stream"), ("cache-control", "no-cache")]))
+        chunk = {**meta, "object": shape.chunk_object}
         # Each text chunk is the same JSON but for the text: build it once, splice the text in.
-        head, tail = json.dumps({**meta, "object": "text_completion", "choices": [
-            {"text": "\x00", "index": 0, "logprobs": None, "finish_reason": None}]}).split('"\\u0000"')
+        head, tail = json.dumps({**chunk, "choices": [shape.delta("\x00", None)]}).split('"\\u0000"')
         head, tail = b"data: " + head.encode(), tail.encode() + b"\n\n"
-
-        def finish(reason: str) -> dict:
-            return {**meta, "object": "text_completion",
-                    "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": reason}]}
-
+        batch = bytearray(_sse_bytes({**chunk, "choices": [shape.opening]}) if shape.opening else b"")
         event, done = first, False
         while not done:
-            batch = bytearray()
             while True:  # everything already waiting goes out in one write
                 if isinstance(event, m.Fragment):
                     batch += head + json.dumps(event.content).encode() + tail
                 elif isinstance(event, m.Finished):
-                    batch += _sse_bytes(finish(_FINISH.get(event.stats.stop_reason, "stop")))
+                    batch += _sse_bytes({**chunk, "choices": [
+                        shape.delta(None, _FINISH.get(event.stats.stop_reason, "stop"))]})
                     if include_usage:
-                        batch += _sse_bytes({**meta, "object": "text_completion", "choices": [],
-                                             "usage": _usage(event.stats)})
+                        batch += _sse_bytes({**chunk, "choices": [], "usage": usage(event.stats)})
                     batch += b"data: [DONE]\n\n"
                     done = True
                     break
@@ -338,6 +341,7 @@ class OpenAIHandler:
                     break
             if batch:
                 await self._send(h11.Data(data=bytes(batch)))
+                batch = bytearray()
             if not done:
                 event = await events.receive()
         await self._send(h11.EndOfMessage())
@@ -345,9 +349,3 @@ class OpenAIHandler:
 
 def _sse_bytes(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-
-def _usage(stats: m.LlmPredictionStats) -> dict[str, int]:
-    prompt = stats.prompt_tokens_count or 0
-    completion = stats.predicted_tokens_count or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
