@@ -84,7 +84,7 @@ class LlamaCppEngine(Engine):
     """A GGUF model in one llama.cpp context; see the module's docstring."""
 
     def __init__(self, model: int, ctx: int, *, context_length: int, slots: int, chunk: int,
-                 seed: int | None) -> None:
+                 seed: int | None, reuse: bool = True) -> None:
         self._model = model
         self._ctx = ctx
         self._vocab = lc.llama_model_get_vocab(model)
@@ -95,6 +95,7 @@ class LlamaCppEngine(Engine):
         self._chunk = chunk
         self._free_slots = list(range(slots - 1, -1, -1))
         self._kept: list[list[int]] = [[] for _ in range(slots)]  # per slot: the tokens its cells hold
+        self._reuse = reuse  # whether a sequence may start from the cells its slot kept (promptCacheBytes > 0)
         self._waiting: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}
         self._batch = lc.llama_batch_init(chunk + slots, 0, 1)
@@ -153,7 +154,8 @@ class LlamaCppEngine(Engine):
 
         Each takes the free slot whose cells hold the longest start of its prompt, and keeps those
         cells (llama.cpp's server does the same: a follow-up turn or a repeated prompt is not
-        computed again); at least the prompt's last token is fed, for its logits.
+        computed again); at least the prompt's last token is fed, for its logits. The first
+        progress says how many it kept (``cached``). With ``promptCacheBytes`` 0 no cell is kept.
         """
         started: list[StepEvent] = []
         while self._waiting and self._free_slots:
@@ -161,7 +163,7 @@ class LlamaCppEngine(Engine):
             slot = max(self._free_slots, key=lambda s: (_common(self._kept[s], seq.prompt), -s))
             self._free_slots.remove(slot)
             kept = self._kept[slot]
-            common = min(_common(kept, seq.prompt), len(seq.prompt) - 1)
+            common = min(_common(kept, seq.prompt), len(seq.prompt) - 1) if self._reuse else 0
             if common < len(kept) and not lc.llama_memory_seq_rm(self._memory, slot, max(common, 0), -1):
                 lc.llama_memory_seq_rm(self._memory, slot, -1, -1)  # a model that cannot cut its cache
                 common = 0
@@ -171,7 +173,7 @@ class LlamaCppEngine(Engine):
             for token in seq.prompt[-REPEAT_RANGE:]:
                 lc.llama_sampler_accept(seq.sampler, token)
             self._active[seq.seq_id] = seq
-            started.append(PromptProgress(seq.seq_id, 0, len(seq.prompt)))
+            started.append(PromptProgress(seq.seq_id, seq.fed, len(seq.prompt), cached=seq.fed))
         return started
 
     def _release(self, seq: _Sequence) -> None:
@@ -332,4 +334,5 @@ def load_engine(path: Path, options: LoadOptions, on_progress: Callable[[float],
         raise
     on_progress(1.0)
     note_load()
-    return LlamaCppEngine(model, ctx, context_length=context_length, slots=slots, chunk=chunk, seed=options.seed)
+    return LlamaCppEngine(model, ctx, context_length=context_length, slots=slots, chunk=chunk, seed=options.seed,
+                          reuse=extra.get("promptCacheBytes") != 0)
