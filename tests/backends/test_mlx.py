@@ -99,7 +99,7 @@ def test_token_ids_equal_mlx_lm(tiny_path, reference):
         assert _tokens(events[i]) == reference[i]["tokens"]
 
 
-def test_prompt_progress_reports_each_prefill_chunk(tiny_model):
+def test_prompt_progress_reports_each_prefill_chunk(fresh_kernel, tiny_model):
     progress: list[float] = []
     prompt = PROMPTS[2]
     n = tiny_model.count_tokens(prompt)

@@ -262,9 +262,10 @@ def test_llama_cpp_engine_first_progress_counts_kept_cells(smollm2_gguf):
             story = engine.tokenize(STORY)
             first = run(engine, [story], 8)[0]
             again = run(engine, [story + _tokens(first)], 8)[0]
-            seen[name] = (first_progress(again), len(story) + len(_tokens(first)))
+            seen[name] = (first_progress(again), len(story))
         finally:
             engine.close()
     assert (seen["off"][0].processed, seen["off"][0].cached) == (0, 0)
-    # the cells of the last prompt and of its answer but its last token (whose cell is written when fed next)
-    assert seen["on"][0].processed == seen["on"][0].cached >= seen["on"][1] - 2
+    # the cells of the last prompt: its answer's were computed one row at a time, which a
+    # from-scratch run does not give bit for bit (see LlamaCppEngine._admit)
+    assert seen["on"][0].processed == seen["on"][0].cached == seen["on"][1]
