@@ -118,9 +118,6 @@ def test_the_default_client_works_in_an_atexit_hook():
 
 
 @pytest.mark.parametrize("use, feature", [
-    (lambda client, model: model.respond("hi"), "Chat"),
-    (lambda client, model: model.respond_stream("hi"), "Chat"),
-    (lambda client, model: model.apply_prompt_template("hi"), "Chat"),
     (lambda client, model: model.act("hi", []), "Tool use"),
     (lambda client, model: client.embedding.model("x"), "Embedding"),
     (lambda client, model: client.files.prepare_file("x.txt"), "File handling"),

@@ -23,7 +23,6 @@ __all__ = ["FEATURES", "NOT_IMPLEMENTED", "STUBS", "MissingNamespace", "not_impl
 
 # feature -> how the message names it (the message reads "<label> is not implemented ...").
 FEATURES: dict[str, str] = {
-    "chat": "Chat (lms.Chat, model.respond())",
     "tools": "Tool use (model.act(), tool definitions)",
     "embeddings": "Embedding (lms.embedding_model(), model.embed())",
     "files": "File handling (lms.FileHandle, files in a chat)",
@@ -64,7 +63,7 @@ def not_implemented(feature: str, what: str) -> LMKernelNotImplementedError:
     """
     return LMKernelNotImplementedError(
         f"{FEATURES[feature]} is not implemented in lmkernel yet: {what} belongs to it. "
-        "lmkernel runs text completion: model.complete() and model.complete_stream()."
+        "lmkernel runs text completion and chat: model.complete(), model.respond() and their streams."
     )
 
 
