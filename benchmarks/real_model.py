@@ -8,7 +8,8 @@ per stream, the same prompts everywhere, every engine on all usable CPUs. Measur
 
 * **llama-cpp-python direct**: ``Llama.create_completion(stream=True)``, flash attention off and
   on; the faster is the reference;
-* **lmkernel on llama.cpp**, sync API, its defaults (one thread per stream);
+* **lmkernel on llama.cpp**, sync API, its defaults (one thread per stream; flash attention off,
+  which keeps a prompt continued from the cache exact), and with ``flashAttention: true``;
 * **llama_cpp.server** (llama-cpp-python's OpenAI server) through the ``openai`` client;
 * **llama.cpp's own llama-server** ``--parallel 8`` through the ``openai`` client, when
   ``--llama-server`` names a binary built from the source llama-cpp-python vendors;
@@ -137,9 +138,10 @@ def measure(system: str, path: Path, tokens: int, runs: int, n: int, llama_serve
         direct_one(llm, 8)  # warm up
         return {"one": median_of(runs, lambda: direct_one(llm, tokens)), "many": None}
     if system.startswith("lmkernel"):
-        backend = system.split("-", 1)[1]
+        backend, _, flash = system.split("-", 1)[1].partition("-")
         with lms.Client() as client:
-            model = client.llm.model(str(path), config={"backend": backend})
+            config = {"backend": backend} | ({"flashAttention": True} if flash else {})
+            model = client.llm.model(str(path), config=config)
             lmkernel_one(model, 8)
             return {"one": median_of(runs, lambda: lmkernel_one(model, tokens)),
                     "many": median_of(runs, lambda: lmkernel_many(model, n, tokens))}
@@ -160,7 +162,8 @@ def measure(system: str, path: Path, tokens: int, runs: int, n: int, llama_serve
 SYSTEMS = {
     "direct": "llama-cpp-python direct, flash_attn=False",
     "direct-flash": "llama-cpp-python direct, flash_attn=True",
-    "lmkernel-llamacpp": "lmkernel on llama.cpp",
+    "lmkernel-llamacpp": "lmkernel on llama.cpp (flash attention off)",
+    "lmkernel-llamacpp-flash": "lmkernel on llama.cpp, flashAttention: true",
     "llama_cpp.server": "llama_cpp.server + openai client",
     "llama-server": "llama.cpp llama-server --parallel {n} + openai",
     "lmkernel-mlx": "lmkernel on MLX (same GGUF)",
@@ -205,6 +208,9 @@ def main() -> None:
     server_many = found["llama_cpp.server"]["many"]
     print("\nratios (targets in brackets):")
     print(f"  one stream, lmkernel / llama-cpp-python direct (faster setting): {ours[1] / best[1]:.3f}  [>= 0.95]")
+    flash = found["lmkernel-llamacpp-flash"]["one"]
+    print(f"  one stream, same flash attention setting: off {ours[1] / found['direct']['one'][1]:.3f}, "
+          f"on {flash[1] / found['direct-flash']['one'][1]:.3f}  [>= 0.95]")
     print(f"  time to first token, lmkernel - direct: {(ours[0] - best[0]) * 1000:+.1f} ms  [<= +5 ms]")
     print(f"  {n} streams / one stream, lmkernel: {ours_many[0] / ours[1]:.2f}x  [>= 1.7x]")
     print(f"  {n} streams, lmkernel / llama_cpp.server: {ours_many[0] / server_many[0]:.2f}x  [>= 1.5x]")
