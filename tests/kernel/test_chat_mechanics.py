@@ -101,3 +101,22 @@ def test_chat_frames_cross_the_wire_checked():
     bad = m.encode({"op": "predict", "id": 4, "model": "x", "messages": [{"role": "tool", "content": "t"}]})
     with pytest.raises(Exception, match="Invalid enum value 'tool'"):
         m.decode_request(bad)
+
+
+def test_a_chat_whose_rendered_text_cannot_fit_is_refused_before_tokenizing(with_template):
+    backend, kernel = with_template
+
+    async def scenario(client: Client):
+        await client.until_done(client.request(m.Load, model="one"))
+        # 200,000 one-letter messages: 200,000 characters of content (the kernel's first check lets
+        # them by), 400,000 rendered ('x|' each): over 256 characters per token of the context of 1000.
+        many = [user("x")] * 200_000
+        refused = (await client.until_done(client.request(m.Predict, model="one", messages=many)))[-1]
+        assert isinstance(refused, m.Failed) and refused.error.kind == "prompt_too_long"
+        assert refused.error.message.startswith("The prompt is 400002 characters but model 'one' has a context length")
+        assert len(backend.prompts) == 0  # never tokenized, never reached the engine
+        done = (await client.until_done(client.request(
+            m.Predict, model="one", messages=[user("ok")], config={"maxTokens": 2})))[-1]
+        assert isinstance(done, m.Finished)
+
+    run(kernel, scenario)

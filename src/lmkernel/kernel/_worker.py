@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LMKernelError, LMKernelValueError
+from ..errors import LMKernelError, LMKernelPromptTooLongError, LMKernelValueError
 from ..plugins.contract import (
     Backend,
     Engine,
@@ -49,7 +49,7 @@ from ._boundary import (
     check_events,
     check_tokens,
 )
-from ._context import Budget, Window, fit
+from ._context import Budget, Window, fit, text_cannot_fit, text_too_long_message
 from ._hang import ABANDONED
 from ._worker_chat import ChatSide
 from ._worker_messages import (
@@ -126,6 +126,7 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name=f"lmkernel-engine-{name}", daemon=True)
         self._active: dict[int, _Sequence] = {}
         self._start: list[int] | None = None  # what the engine starts every text with (its BOS)
+        self._name = name
         self._chat = ChatSide(path, name)
         self._failures = 0
         #: ``(time.monotonic() at start, what)`` of the engine call in progress, else ``None``.
@@ -285,13 +286,14 @@ class EngineWorker:
                     self._post(Rendered(request_id, text))
 
     def _render(self, messages: tuple, add_generation_prompt: bool = True) -> str:
-        """Render a conversation with the model's template (timed like an engine call: a template is the model's code)."""
+        """Render a conversation with the model's template (timed like an engine call: the template is the model's)."""
         try:
             return self._call("while rendering the chat template", self._chat.render, messages, add_generation_prompt)
         except _EngineError as exc:
             if isinstance(exc.error, LMKernelError):
                 raise exc.error from None
-            raise LMKernelValueError(f"The model's chat template failed: {type(exc.error).__name__}: {exc.error}") from None
+            error = exc.error
+            raise LMKernelValueError(f"The model's chat template failed: {type(error).__name__}: {error}") from None
 
     def _add_sequence(self, engine: Engine, command: AddSequence) -> None:
         seq_id, prompt, policy, max_tokens = command.seq_id, command.prompt, command.policy, command.max_tokens
@@ -299,12 +301,16 @@ class EngineWorker:
         if isinstance(prompt, ChatPrompt):
             try:
                 prompt = self._render(prompt.messages)
-            except LMKernelError as exc:  # no template, or it refused the conversation: this request only
+                if text_cannot_fit(len(prompt), engine.context_length):  # the template's text counts too
+                    raise LMKernelPromptTooLongError(text_too_long_message(self._name, len(prompt),
+                                                                           engine.context_length))
+            except LMKernelError as exc:  # no template, it refused the conversation, too long: this request only
                 self._post(Refused(seq_id, exc))
                 return
         try:
             if isinstance(command.prompt, ChatPrompt):
-                stops = self._call("while tokenizing", self._chat.turn_ends, engine.tokenize, self._start_tokens(engine))
+                start = self._start_tokens(engine)
+                stops = self._call("while tokenizing", self._chat.turn_ends, engine.tokenize, start)
             tokens = check_tokens(self._call("while tokenizing", engine.tokenize, prompt))
             window = fit(tokens, engine.context_length, policy, max_tokens, lambda: self._start_tokens(engine))
         except (_EngineError, PluginValueError) as exc:
@@ -316,8 +322,9 @@ class EngineWorker:
             self._post(Rejected(seq_id, len(tokens), engine.context_length, policy))
             return
         cuts = policy != "stopAtLimit"
+        history = list(tokens) if cuts else None
         self._add(engine, seq_id, window, _Sequence(
-            command.sampling, policy, window.budget, max_tokens if cuts else None, list(tokens) if cuts else None, stops))
+            command.sampling, policy, window.budget, max_tokens if cuts else None, history, stops))
         self._post(Admitted(seq_id, len(tokens), window.budget, window.dropped))
 
     def _add(self, engine: Engine, seq_id: int, window: Window, seq: _Sequence) -> None:
