@@ -63,12 +63,15 @@ class LLM:
 
         ``config`` is validated here, before anything runs.
         """
-        prepared = _ops.prepare_prediction(
-            self.identifier, prompt, response_format=response_format, config=config, preset=preset,
-            on_message=on_message, on_first_token=on_first_token,
-            on_prediction_fragment=on_prediction_fragment,
+        return self._start(
+            prompt, response_format=response_format, config=config, preset=preset, on_message=on_message,
+            on_first_token=on_first_token, on_prediction_fragment=on_prediction_fragment,
             on_prompt_processing_progress=on_prompt_processing_progress,
         )
+
+    def _start(self, prompt: str | list[m.ChatMessage], **options: Any) -> PredictionStream:
+        """A lazy stream of a completion (``prompt`` a text) or a reply (a conversation's messages)."""
+        prepared = _ops.prepare_prediction(self.identifier, prompt, **options)
         connection = self._session._client._connection()
         return PredictionStream(connection, prepared.make, prepared.callbacks, prepared.refused)
 
@@ -127,14 +130,11 @@ class LLM:
 
         The text ends where the model ends its turn. ``history`` and ``config`` are validated here.
         """
-        prepared = _ops.prepare_prediction(
-            self.identifier, history_messages(history), response_format=response_format, config=config,
-            preset=preset, on_message=on_message, on_first_token=on_first_token,
-            on_prediction_fragment=on_prediction_fragment,
+        return self._start(
+            history_messages(history), response_format=response_format, config=config, preset=preset,
+            on_message=on_message, on_first_token=on_first_token, on_prediction_fragment=on_prediction_fragment,
             on_prompt_processing_progress=on_prompt_processing_progress,
         )
-        connection = self._session._client._connection()
-        return PredictionStream(connection, prepared.make, prepared.callbacks, prepared.refused)
 
     @public_api
     def respond(self, history: Chat | ChatHistoryDataDict | str, **kwargs: Any) -> PredictionResult:

@@ -35,6 +35,7 @@ from pathlib import Path
 import llama_cpp as lc
 
 from ...plugins.contract import Engine, LoadOptions, PromptProgress, Sampling, SequenceEnd, StepEvent, Token
+from ...plugins.tokens import common_prefix
 from ._library import last_errors, note_close, note_load, start_llama, usable_cpus
 
 #: Prompt tokens one step feeds at most (``evalBatchSize``; LM Studio's default).
@@ -46,21 +47,6 @@ MAX_CELLS = 32768
 DEFAULT_CONTEXT = 4096
 #: Tokens the repeat penalty looks back over (LM Studio's default).
 REPEAT_RANGE = 64
-
-def _common(a: list[int], b: list[int]) -> int:
-    """The length of the longest common start of ``a`` and ``b``."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    low, high = 0, n  # a[:low] == b[:low], a[:high] != b[:high]
-    while high - low > 1:
-        mid = (low + high) // 2
-        if a[:mid] == b[:mid]:
-            low = mid
-        else:
-            high = mid
-    return low
-
 
 @dataclass(eq=False)
 class _Sequence:
@@ -171,10 +157,10 @@ class LlamaCppEngine(Engine):
         started: list[StepEvent] = []
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
-            slot = max(self._free_slots, key=lambda s: (_common(self._kept[s], seq.prompt), -s))
+            slot = max(self._free_slots, key=lambda s: (common_prefix(self._kept[s], seq.prompt), -s))
             self._free_slots.remove(slot)
             kept = self._kept[slot]
-            common = min(_common(kept, seq.prompt), self._exact[slot], len(seq.prompt) - 1) if self._reuse else 0
+            common = min(common_prefix(kept, seq.prompt), self._exact[slot], len(seq.prompt) - 1) if self._reuse else 0
             if common < len(kept) and not lc.llama_memory_seq_rm(self._memory, slot, max(common, 0), -1):
                 lc.llama_memory_seq_rm(self._memory, slot, -1, -1)  # a model that cannot cut its cache
                 common = 0

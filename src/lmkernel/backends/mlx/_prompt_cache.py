@@ -29,26 +29,12 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-__all__ = ["DEFAULT_PROMPT_CACHE_BYTES", "PromptCache", "common_start"]
+from ...plugins.tokens import common_prefix
+
+__all__ = ["DEFAULT_PROMPT_CACHE_BYTES", "PromptCache"]
 
 #: ``promptCacheBytes`` when the load config names none: 1 GiB.
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
-
-
-def common_start(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common start of ``a`` and ``b`` (tuples or lists, compared in C)."""
-    a, b = tuple(a), tuple(b)
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    low, high = 0, n  # a[:low] == b[:low], a[:high] != b[:high]
-    while high - low > 1:
-        mid = (low + high) // 2
-        if a[:mid] == b[:mid]:
-            low = mid
-        else:
-            high = mid
-    return low
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,7 +80,7 @@ class PromptCache:
         prompt = tuple(prompt)
         best_key, best = None, 0
         for key, entry in self._entries.items():
-            n = min(common_start(key, prompt), len(prompt) - 1)
+            n = min(common_prefix(key, prompt), len(prompt) - 1)
             if n > 0 and n >= best and (n == len(key) or entry.trimmable):
                 best_key, best = key, n  # on a tie, the more recently used
         if best_key is None:
