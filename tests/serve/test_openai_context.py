@@ -25,6 +25,11 @@ def test_a_prompt_longer_than_the_context_gets_400_naming_the_numbers(oai):
     with pytest.raises(openai.BadRequestError, match=r"context length of 64") as caught:
         oai.completions.create(model=model, prompt="the cat sat on the mat " * 40, max_tokens=4)
     assert caught.value.status_code == 400
+    # the kernel's advice (a contextOverflowPolicy) is not offered: this API has no such field
+    assert caught.value.body["message"].endswith(
+        "has a context length of 64: it leaves no room for an answer; send a shorter prompt (this API does not cut "
+        "prompts)")
+    assert "contextOverflowPolicy" not in caught.value.body["message"]
 
 
 def test_generation_stops_at_the_context_limit_with_finish_reason_length(oai):

@@ -82,7 +82,12 @@ def _failure(error: m.ErrorInfo) -> HttpError:
     """The HTTP error for a request the kernel failed, naming the body's field where it can."""
     param = next((f for key, f in _FIELDS.items() if key in error.message), None) if error.kind == "config" else None
     kind = "server_error" if error.kind == "backend" else "invalid_request_error"
-    return HttpError(_STATUS.get(error.kind, 500), error.message, param, kind)
+    message = error.message
+    if error.kind == "prompt_too_long" and ": contextOverflowPolicy" in message:
+        # The kernel's advice names a config key that this API has no field for.
+        message = (message.split(": contextOverflowPolicy", 1)[0]
+                   + ": it leaves no room for an answer; send a shorter prompt (this API does not cut prompts)")
+    return HttpError(_STATUS.get(error.kind, 500), message, param, kind)
 
 
 def _param_from(message: str) -> str | None:
