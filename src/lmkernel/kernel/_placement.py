@@ -20,7 +20,15 @@ __all__ = ["check_load_config", "check_supported", "choose_backend", "new_identi
 
 def check_supported(config: LlmPredictionConfig, backend: Backend, identifier: str) -> None:
     """Refuse prediction keys that neither the kernel nor the model's backend honours."""
-    unsupported = sorted(set_keys(config) - KERNEL_PREDICTION_KEYS - backend.prediction_keys)
+    keys = set_keys(config)
+    if config.structured is not None and config.structured.type == "none":
+        keys.discard("structured")  # asks for nothing: any backend honours it
+    unsupported = sorted(keys - KERNEL_PREDICTION_KEYS - backend.prediction_keys)
+    if unsupported == ["structured"]:
+        raise LMKernelUnsupportedConfigError(
+            f"Structured output (response_format, or the config key 'structured') is not supported by "
+            f"backend {backend.name!r} (model {identifier!r}): its engines cannot constrain their sampling"
+        )
     if unsupported:
         raise LMKernelUnsupportedConfigError(
             f"Prediction config key(s) {', '.join(map(repr, unsupported))} are not supported by "

@@ -60,7 +60,7 @@ def sampling_from_config(config: LlmPredictionConfig, declared: frozenset[str] =
         return off if value is False else float(value)
 
     top_k = config.top_k_sampling
-    passed = declared - SAMPLING_KEYS - KERNEL_PREDICTION_KEYS
+    passed = declared - SAMPLING_KEYS - KERNEL_PREDICTION_KEYS - {"structured"}  # the grammar goes its own way
     extra = {k: v for k, v in config.to_dict().items() if k in passed} if passed else {}
     return Sampling(
         temperature=d.temperature if config.temperature is None else config.temperature,

@@ -51,6 +51,7 @@ from ._boundary import (
 )
 from ._context import Budget, Window, fit, text_cannot_fit, text_too_long_message
 from ._hang import ABANDONED
+from ._structured import GrammarConstraint, Grammars
 from ._worker_chat import ChatSide
 from ._worker_messages import (
     AddSequence,
@@ -96,6 +97,7 @@ class _Sequence:
     left: int | None
     history: list[int] | None
     stops: frozenset[int] = frozenset()
+    constraint: GrammarConstraint | None = None
 
 
 class _EngineError(Exception):
@@ -128,6 +130,7 @@ class EngineWorker:
         self._start: list[int] | None = None  # what the engine starts every text with (its BOS)
         self._name = name
         self._chat = ChatSide(path, name)
+        self._grammars = Grammars(name)
         self._failures = 0
         #: ``(time.monotonic() at start, what)`` of the engine call in progress, else ``None``.
         self.call_started: tuple[float, str] | None = None
@@ -207,6 +210,7 @@ class EngineWorker:
             check_context_length(engine)
             self._start = None
             self._chat.new_engine()
+            self._grammars.new_engine()
             return engine
         except _EngineError as exc:
             self._post(LoadFailed(exc.error, exc.doing))
@@ -307,16 +311,24 @@ class EngineWorker:
             except LMKernelError as exc:  # no template, it refused the conversation, too long: this request only
                 self._post(Refused(seq_id, exc))
                 return
+        constraint = None
+        doing = "while tokenizing"
         try:
             if isinstance(command.prompt, ChatPrompt):
                 start = self._start_tokens(engine)
-                stops = self._call("while tokenizing", self._chat.turn_ends, engine.tokenize, start)
-            tokens = check_tokens(self._call("while tokenizing", engine.tokenize, prompt))
+                stops = self._call(doing, self._chat.turn_ends, engine.tokenize, start)
+            tokens = check_tokens(self._call(doing, engine.tokenize, prompt))
             window = fit(tokens, engine.context_length, policy, max_tokens, lambda: self._start_tokens(engine))
+            if command.grammar is not None and window is not None and tokens:
+                doing = "while describing its vocabulary"
+                constraint = self._grammars.constraint(engine, command.grammar, self._call, stops)
+        except LMKernelError as exc:  # the grammar does not compile, or the engine cannot constrain
+            self._post(Refused(seq_id, exc))
+            return
         except (_EngineError, PluginValueError) as exc:
-            # tokenize is pure: only this prediction fails, the engine is still good.
+            # tokenize and vocabulary are pure: only this prediction fails, the engine is still good.
             error = exc.error if isinstance(exc, _EngineError) else exc
-            self._post(EngineFailed([seq_id], error, "while tokenizing", replacing=False))
+            self._post(EngineFailed([seq_id], error, doing, replacing=False))
             return
         if window is None or not tokens:  # too long, or nothing to continue from
             self._post(Rejected(seq_id, len(tokens), engine.context_length, policy))
@@ -324,12 +336,17 @@ class EngineWorker:
         cuts = policy != "stopAtLimit"
         history = list(tokens) if cuts else None
         self._add(engine, seq_id, window, _Sequence(
-            command.sampling, policy, window.budget, max_tokens if cuts else None, history, stops))
+            command.sampling, policy, window.budget, max_tokens if cuts else None, history, stops, constraint))
         self._post(Admitted(seq_id, len(tokens), window.budget, window.dropped))
 
     def _add(self, engine: Engine, seq_id: int, window: Window, seq: _Sequence) -> None:
         self._active[seq_id] = seq
-        self._call("while adding a sequence", engine.add, seq_id, window.tokens, seq.sampling, window.budget.tokens)
+        if seq.constraint is None:
+            self._call("while adding a sequence", engine.add, seq_id, window.tokens, seq.sampling, window.budget.tokens)
+            return
+        seq.constraint.restart()
+        self._call("while adding a sequence", lambda: engine.add(
+            seq_id, window.tokens, seq.sampling, window.budget.tokens, constraint=seq.constraint))
 
     def _start_tokens(self, engine: Engine) -> list[int]:
         """The tokens ``engine`` starts every text with (its BOS), asked once per engine."""
@@ -345,13 +362,15 @@ class EngineWorker:
             events = [e for e in events if not (isinstance(e, SequenceEnd) and e.seq_id in failed)]
         if events:
             self._post(Stepped(events))
-        for seq_id, error in failed.items():
-            self._post(EngineFailed([seq_id], error, "while tokenizing", replacing=False))
+        for seq_id, (error, doing) in failed.items():
+            self._post(EngineFailed([seq_id], error, doing, replacing=False))
 
-    def _follow(self, engine: Engine, events: list) -> dict[int, BaseException]:
+    def _follow(self, engine: Engine, events: list) -> dict[int, tuple[BaseException, str]]:
         """Track the step's tokens; a window that filled up under a cutting policy goes on cut
-        (its end becomes :class:`Continued`, in place). Return the sequences that failed a cut."""
-        failed: dict[int, BaseException] = {}
+        (its end becomes :class:`Continued`, in place). Return the sequences that failed (a cut,
+        or their grammar) with what was being done."""
+        failed: dict[int, tuple[BaseException, str]] = {}
+        constrained: list[tuple[int, GrammarConstraint]] = []
         for i, event in enumerate(events):
             if isinstance(event, Token):
                 seq = self._active.get(event.seq_id)
@@ -360,23 +379,33 @@ class EngineWorker:
                     self._call("while removing a sequence", engine.remove, event.seq_id)
                     events[i] = SequenceEnd(event.seq_id, "eos")
                     continue
+                if seq is not None and seq.constraint is not None:
+                    seq.constraint.observe(event.token_id)
+                    constrained.append((event.seq_id, seq.constraint))
                 if seq is not None and seq.history is not None:
                     seq.history.append(event.token_id)
                     if seq.left is not None:
                         seq.left -= 1
             elif isinstance(event, SequenceEnd):
                 seq = self._active.pop(event.seq_id, None)
+                if seq is not None and seq.constraint is not None:
+                    constrained.append((event.seq_id, seq.constraint))
                 if (seq is None or seq.history is None or event.reason != "length"
                         or seq.budget.reason != "contextLengthReached"):
                     continue
                 try:
                     events[i] = self._continue(engine, event, seq)
                 except PluginValueError as exc:  # its tokenizer broke the contract: this sequence fails
-                    failed[event.seq_id] = exc
+                    failed[event.seq_id] = (exc, "while tokenizing")
                 except _EngineError as exc:
                     if exc.doing != "while tokenizing":
                         raise  # engine.add failed: the engine is replaced
-                    failed[event.seq_id] = exc.error
+                    failed[event.seq_id] = (exc.error, exc.doing)
+        for seq_id, constraint in constrained:
+            if constraint.problem is not None and seq_id not in failed:
+                failed[seq_id] = (PluginValueError(constraint.problem), "while constraining its output")
+                if self._active.pop(seq_id, None) is not None:
+                    self._call("while removing a sequence", engine.remove, seq_id)
         return failed
 
     def _continue(self, engine: Engine, end: SequenceEnd, seq: _Sequence) -> SequenceEnd | Continued:

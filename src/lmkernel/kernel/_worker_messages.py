@@ -54,6 +54,8 @@ class AddSequence:
     sampling: Sampling
     max_tokens: int | None
     policy: ContextOverflowPolicy
+    #: The llguidance grammar its output must match (structured output), else ``None``.
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)

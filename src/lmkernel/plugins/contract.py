@@ -10,6 +10,13 @@ step by step:
   :class:`PromptProgress`, :class:`Token` and :class:`SequenceEnd` events,
 * :meth:`Engine.remove` a sequence, in any state (waiting, prefilling, decoding).
 
+Structured output (optional): an engine whose :meth:`Engine.vocabulary` describes its tokens
+can be handed a :class:`TokenConstraint` per sequence in :meth:`Engine.add`; before sampling
+each token of that sequence it asks the constraint which tokens are allowed and samples only
+among them. The grammar and its state belong to the kernel (one implementation for every
+backend); the engine only applies a bitmask. A backend that can do this lists ``"structured"``
+in :attr:`Backend.prediction_keys`; one that does not is refused the key before any compute.
+
 Threading: the kernel calls ``load`` and every engine method from one worker thread per
 loaded model, and calls :meth:`Backend.release_thread` on that thread before it ends. An
 engine never needs locks, and may keep thread-bound state (MLX streams, CUDA contexts).
@@ -42,6 +49,8 @@ __all__ = [
     "SequenceEnd",
     "StepEvent",
     "Token",
+    "TokenConstraint",
+    "Vocabulary",
     "read_config",
 ]
 
@@ -199,6 +208,49 @@ class SequenceEnd:
 StepEvent = PromptProgress | Token | SequenceEnd
 
 
+@dataclass(frozen=True, kw_only=True)
+class Vocabulary:
+    """What the kernel needs to compile a grammar for an engine's tokens (structured output).
+
+    ``size``: the width of the engine's logits (it may exceed the tokenizer's own count; the
+    extra ids are never allowed). ``end_tokens``: every id that ends a sequence when sampled
+    (EOS, end of turn): allowed exactly when the grammar is complete. Then the tokens themselves,
+    one of two ways: ``tokenizer_json``, a Hugging Face ``tokenizers`` JSON (what
+    ``PreTrainedTokenizerFast.backend_tokenizer.to_str()`` gives), or ``tokens``, each id's bytes
+    (a control token as ``b"\\xff"`` and its text, so that no grammar ever matches it) with
+    ``tokenize``, the engine's tokenizer on plain bytes (no BOS, special tokens not parsed).
+    """
+
+    size: int
+    end_tokens: Sequence[int]
+    tokenizer_json: str | None = None
+    tokens: Sequence[bytes] | None = None
+    tokenize: Callable[[bytes], list[int]] | None = None
+
+
+class TokenConstraint(ABC):
+    """The tokens one sequence may sample next: implemented by the kernel, called by engines.
+
+    The mask is ``words`` 32-bit integers: token ``t`` is allowed when bit ``t % 32`` of word
+    ``t // 32`` is set (as ``np.unpackbits(mask.view(np.uint8), bitorder="little")`` reads it).
+    """
+
+    #: ``ceil(Vocabulary.size / 32)``: the length of every mask.
+    words: int
+
+    @abstractmethod
+    def allowed(self, previous: int | None):
+        """The mask for the sequence's next token (a NumPy ``int32`` array of :attr:`words`).
+
+        Call it exactly once before sampling each token of the sequence, and set the logits of
+        every token it does not allow to minus infinity before any sampler sees them (greedy
+        included). ``previous``: the token sampled just before, which the engine reports (or
+        has reported) as a :class:`Token`; ``None`` for the first token after :meth:`Engine.add`.
+        The array is reused by the next call: apply it first. It never raises; a sequence whose
+        engine sampled a token the mask did not allow fails, the engine does not.
+        """
+
+
 class Engine(ABC):
     """A loaded model. All methods run on the model's worker thread."""
 
@@ -211,9 +263,14 @@ class Engine(ABC):
 
     @abstractmethod
     def add(
-        self, seq_id: int, prompt_tokens: Sequence[int], sampling: Sampling, max_tokens: int
+        self, seq_id: int, prompt_tokens: Sequence[int], sampling: Sampling, max_tokens: int,
+        *, constraint: TokenConstraint | None = None,
     ) -> None:
         """Queue a new sequence; its events appear in later :meth:`step` results.
+
+        ``constraint`` (only ever given to an engine whose :meth:`vocabulary` is not ``None``, so
+        an engine without structured output may leave the parameter out): before sampling each
+        token of this sequence, mask the logits with ``constraint.allowed(previous)``.
 
         ``max_tokens`` is the token budget the kernel computed (from ``maxTokens`` and the
         context left): after that many :class:`Token` events the engine ends the sequence
@@ -224,6 +281,13 @@ class Engine(ABC):
         the same id and the cut text (prompt and generated tokens so far) as ``prompt_tokens``.
         Treat it as a new sequence; the text of its tokens continues from those tokens.
         """
+
+    def vocabulary(self) -> Vocabulary | None:
+        """This engine's tokens, for structured output; ``None`` (the default): it cannot constrain.
+
+        Called at most once per engine, on its first structured request, so it may be slow.
+        """
+        return None
 
     @abstractmethod
     def step(self) -> list[StepEvent]:

@@ -15,13 +15,13 @@ from typing import Any, Generic, TypeVar
 from ..errors import (
     LMKernelClientError,
     LMKernelPresetNotFoundError,
-    LMKernelUnsupportedConfigError,
     LMKernelValueError,
     error_from_info,
 )
 from ..kernel import messages as m
 from ..kernel.config import (
     LlmLoadModelConfig,
+    LlmStructuredPredictionSetting,
     check_identifier,
     check_ttl,
     parse_load_config,
@@ -139,7 +139,8 @@ def tokenize(identifier: str, text: str | Iterable[str]) -> Call[list[int] | lis
 
 @dataclass(frozen=True)
 class PreparedPrediction:
-    """What a stream needs: the request factory, the callbacks, and an error to report on start."""
+    """What a stream needs: the request factory, the :class:`~._prediction.PredictionState` options
+    (the callbacks, and whether the result is parsed as structured output), and an error to report on start."""
 
     make: Callable[[int], m.Predict]
     callbacks: dict[str, Any]
@@ -153,26 +154,65 @@ def prepare_prediction(
     """Everything ``complete_stream`` (a prompt) and ``respond_stream`` (a conversation's messages, from
     :func:`~.history.history_messages`) do before a stream exists, for both facades.
 
-    Validates ``config`` and refuses what cannot be honoured (raising before any compute).
-    An unknown preset is the server's answer in LM Studio: it surfaces from the stream
-    (iteration, ``result()``, ``wait_for_result()``), not from ``complete_stream()``.
+    Validates ``config`` and ``response_format`` and refuses what cannot be honoured (raising
+    before any compute). An unknown preset is the server's answer in LM Studio: it surfaces
+    from the stream (iteration, ``result()``, ``wait_for_result()``), not from ``complete_stream()``.
     """
-    reject_unsupported(response_format=response_format)
     refused = None
     if preset is not None:
         check_text(preset, "A preset name")
         refused = LMKernelPresetNotFoundError(f"No preset named {preset!r}: lmkernel has no saved presets")
-    return PreparedPrediction(predict_request(identifier, prompt, config), callbacks, refused)
+    make, structured = predict_request(identifier, prompt, config, response_format)
+    return PreparedPrediction(make, {**callbacks, "structured": structured}, refused)
 
 
-def predict_request(identifier: str, prompt: str | list[m.ChatMessage], config: Any) -> Callable[[int], m.Predict]:
-    """Validate ``config`` now (before any compute) and build the request factory."""
+def predict_request(
+    identifier: str, prompt: str | list[m.ChatMessage], config: Any, response_format: Any = None,
+) -> tuple[Callable[[int], m.Predict], bool]:
+    """Validate ``config`` and ``response_format`` now (before any compute); build the request
+    factory, and say whether the answer is structured output (its ``parsed`` read as JSON)."""
     check_text(identifier, "A model identifier")
-    settings = parse_prediction_config(config).to_dict()
+    parsed = parse_prediction_config(config)
+    if response_format is not None:
+        if parsed.structured is not None:
+            raise LMKernelValueError("Cannot specify both 'response_format' in API call and 'structured' in config")
+        parsed = parse_prediction_config({**parsed.to_dict(), "structured": structured_setting(response_format)})
+    structured = parsed.structured is not None and parsed.structured.type != "none"
+    settings = parsed.to_dict()
     if not isinstance(prompt, str):
-        return lambda i: m.Predict(id=i, model=identifier, messages=prompt, config=settings)
+        return (lambda i: m.Predict(id=i, model=identifier, messages=prompt, config=settings)), structured
     check_text(prompt, "The prompt")
-    return lambda i: m.Predict(id=i, model=identifier, prompt=prompt, config=settings)
+    return (lambda i: m.Predict(id=i, model=identifier, prompt=prompt, config=settings)), structured
+
+
+_SETTING_KEYS = {"type": "type", "jsonSchema": "jsonSchema", "json_schema": "jsonSchema",
+                 "gbnfGrammar": "gbnfGrammar", "gbnf_grammar": "gbnfGrammar"}
+
+
+def structured_setting(response_format: Any) -> dict[str, Any]:
+    """``response_format`` as LM Studio reads it, as the ``structured`` config value.
+
+    A class with ``model_json_schema()`` (``lms.BaseModel``, a pydantic model): its schema. An
+    :class:`LlmStructuredPredictionSetting` or its dict (``{"type": "json", "jsonSchema": ...}``,
+    ``{"type": "gbnf", "gbnfGrammar": ...}``, camelCase or snake_case): itself. Any other dict is
+    a JSON schema.
+    """
+    if isinstance(response_format, LlmStructuredPredictionSetting):
+        return response_format.to_dict()
+    if isinstance(response_format, type):
+        schema_of = getattr(response_format, "model_json_schema", None)
+        if not callable(schema_of):
+            raise LMKernelValueError(
+                f"response_format class {response_format.__name__} has no model_json_schema(): pass an "
+                "lms.BaseModel or pydantic.BaseModel subclass, a JSON schema dict, or a structured setting")
+        return {"type": "json", "jsonSchema": schema_of()}
+    if not isinstance(response_format, dict):
+        raise LMKernelValueError(
+            f"Failed to parse response format: expected a JSON schema dict, a model class or a structured "
+            f"setting, got {show(response_format)}")
+    if response_format.get("type") in ("json", "gbnf", "none") and set(response_format) <= set(_SETTING_KEYS):
+        return {_SETTING_KEYS[k]: v for k, v in response_format.items()}
+    return {"type": "json", "jsonSchema": response_format}
 
 
 #: ``apply_prompt_template`` options (LM Studio's ``LlmApplyPromptTemplateOpts``), camelCase -> snake_case.
@@ -218,11 +258,3 @@ def apply_template(identifier: str, messages: list[m.ChatMessage], opts: Any) ->
 def check_namespace(namespace: str | None) -> None:
     if namespace not in (None, "llm", "embedding"):
         raise LMKernelValueError(f"Unknown model namespace: {namespace!r}")
-
-
-def reject_unsupported(*, response_format: Any) -> None:
-    """Refuse the ``complete()`` arguments lmkernel cannot honour yet, before any compute."""
-    if response_format is not None:
-        raise LMKernelUnsupportedConfigError(
-            f"response_format (structured output) is not supported by lmkernel yet, got {response_format!r}"
-        )

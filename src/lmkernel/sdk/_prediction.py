@@ -8,6 +8,7 @@ swallowed as in the LM Studio SDK), and the result or error with LM Studio's sem
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +40,9 @@ class PredictionState:
         on_first_token: Callable[[], Any] | None = None,
         on_prediction_fragment: Callable[[LlmPredictionFragment], Any] | None = None,
         on_prompt_processing_progress: Callable[[float], Any] | None = None,
+        structured: bool = False,
     ) -> None:
+        self._structured = structured
         self._on_message = on_message
         self._on_first_token = on_first_token
         self._on_fragment = on_prediction_fragment
@@ -83,13 +86,25 @@ class PredictionState:
         content = "".join(self._parts)
         self._result = PredictionResult(
             content=content,
-            parsed=content,
+            parsed=self._parse(content),
             stats=event.stats,
             model_info=event.model_info,
             load_config=LlmLoadModelConfig.from_dict(event.load_config),
             prediction_config=LlmPredictionConfig.from_dict(event.prediction_config),
         )
         _call("on_message", self._on_message, AssistantResponse(content=[TextData(text=content)]))
+
+    def _parse(self, content: str) -> str | dict[str, Any]:
+        """``parsed`` as LM Studio defines it: for structured output the JSON object the text holds;
+        the text itself (``result.structured`` False) when it holds none: the prediction was
+        cancelled or cut by ``maxTokens``, or a GBNF grammar's language is not JSON objects."""
+        if not self._structured or self.cancelled:
+            return content
+        try:
+            value = json.loads(content)
+        except (ValueError, RecursionError):
+            return content
+        return value if isinstance(value, dict) else content
 
     def record_error(self, error: BaseException) -> None:
         """Keep ``error`` as the outcome unless the prediction already has one."""

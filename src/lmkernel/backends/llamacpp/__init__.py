@@ -48,7 +48,7 @@ class LlamaCppBackend(Backend):
 
     name = "llamacpp"
     prediction_keys = frozenset(
-        {"temperature", "topKSampling", "topPSampling", "minPSampling", "repeatPenalty"}
+        {"temperature", "topKSampling", "topPSampling", "minPSampling", "repeatPenalty", "structured"}
     )
     load_keys = frozenset({"seed", "evalBatchSize", "flashAttention", "tryMmap", "keepModelInMemory", "gpu", "promptCacheBytes"})
     #: Above MLX's 10: a GGUF file both accept goes to llama.cpp, LM Studio's engine for GGUF.

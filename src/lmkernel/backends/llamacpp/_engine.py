@@ -17,7 +17,9 @@ has at most ``MAX_CELLS // context_length`` slots (8 at 4096 tokens); more predi
 
 Sampling is llama.cpp's own sampler chain per sequence (penalties, top-k, top-p, min-p,
 temperature, then a seeded draw; greedy is argmax), run by ``llama_sampler_sample`` on the row
-of the logits that belongs to the sequence. Text: each token's bytes (``llama_token_to_piece``,
+of the logits that belongs to the sequence. A constrained sequence (structured output) first
+sets the logits its :class:`~lmkernel.plugins.TokenConstraint` does not allow to minus infinity,
+in place in llama.cpp's logits row, so every sampler of the chain sees only allowed tokens. Text: each token's bytes (``llama_token_to_piece``,
 special tokens rendered empty) through an incremental UTF-8 decoder, so a character split over
 several tokens comes out whole with its last token.
 """
@@ -33,8 +35,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp as lc
+import numpy as np
 
-from ...plugins.contract import Engine, LoadOptions, PromptProgress, Sampling, SequenceEnd, StepEvent, Token
+from ...plugins.contract import (
+    Engine,
+    LoadOptions,
+    PromptProgress,
+    Sampling,
+    SequenceEnd,
+    StepEvent,
+    Token,
+    TokenConstraint,
+    Vocabulary,
+)
 from ...plugins.tokens import common_prefix
 from ._library import last_errors, note_close, note_load, start_llama, usable_cpus
 
@@ -59,6 +72,7 @@ class _Sequence:
     pending: int | None = None  # the last sampled token, fed next step
     generated: int = 0
     sampler: int | None = None  # llama_sampler pointer
+    constraint: TokenConstraint | None = None
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
     @property
@@ -95,11 +109,14 @@ class LlamaCppEngine(Engine):
     # ---- tokens and text -------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        data = text.encode("utf-8")
+        return self._tokenize(text.encode("utf-8"), special=True)
+
+    def _tokenize(self, data: bytes, *, special: bool) -> list[int]:
+        """llama.cpp's tokens for ``data``: with ``special``, BOS added and special tokens' text parsed."""
         room = len(data) + 8
         while True:
             ids = (lc.llama_token * room)()
-            n = lc.llama_tokenize(self._vocab, data, len(data), ids, room, True, True)
+            n = lc.llama_tokenize(self._vocab, data, len(data), ids, room, special, special)
             if n >= 0:
                 return list(ids[:n])
             room = -n
@@ -121,8 +138,27 @@ class LlamaCppEngine(Engine):
 
     # ---- sequences ---------------------------------------------------------------------------
 
-    def add(self, seq_id: int, prompt_tokens: Sequence[int], sampling: Sampling, max_tokens: int) -> None:
-        self._waiting.append(_Sequence(seq_id, list(prompt_tokens), max_tokens, sampling))
+    def vocabulary(self) -> Vocabulary:
+        """Each token's bytes as llama.cpp renders it (control tokens marked), and its end tokens."""
+        buf = ctypes.create_string_buffer(256)
+        tokens: list[bytes] = []
+        control = lc.LLAMA_TOKEN_ATTR_CONTROL
+        for token in range(self._n_vocab):
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            piece = buf.raw[: max(n, 0)]
+            attr = lc.llama_token_get_attr(self._vocab, token)
+            if attr & control or (attr & lc.LLAMA_TOKEN_ATTR_USER_DEFINED and piece[:1] == b"<" and piece[-1:] == b">"):
+                piece = b"\xff" + piece  # a special token: no grammar matches it
+            tokens.append(piece)
+        ends = [t for t in range(self._n_vocab) if lc.llama_vocab_is_eog(self._vocab, t)]
+        return Vocabulary(size=self._n_vocab, end_tokens=ends, tokens=tokens, tokenize=lambda data: self._tokenize(data, special=False))
+
+    def add(self, seq_id: int, prompt_tokens: Sequence[int], sampling: Sampling, max_tokens: int,
+            *, constraint: TokenConstraint | None = None) -> None:
+        self._waiting.append(_Sequence(seq_id, list(prompt_tokens), max_tokens, sampling, constraint=constraint))
 
     def remove(self, seq_id: int) -> None:
         seq = self._active.pop(seq_id, None)
@@ -255,6 +291,8 @@ class LlamaCppEngine(Engine):
         if seq.budget <= 0:
             self._end(seq, "length", events)
             return
+        if seq.constraint is not None:
+            self._mask(seq.constraint.allowed(seq.pending), row)
         token = lc.llama_sampler_sample(seq.sampler, self._ctx, row)
         if lc.llama_vocab_is_eog(self._vocab, token):
             self._end(seq, "eos", events)
@@ -265,6 +303,12 @@ class LlamaCppEngine(Engine):
             self._end(seq, "length", events)
         else:
             seq.pending = token
+
+    def _mask(self, mask: np.ndarray, row: int) -> None:
+        """Set the logits of ``row`` that ``mask`` does not allow to minus infinity, in place."""
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
+        allowed = np.unpackbits(mask.view(np.uint8), count=self._n_vocab, bitorder="little").view(bool)
+        np.putmask(logits, ~allowed, -np.inf)
 
     def _end(self, seq: _Sequence, reason: str, events: list[StepEvent]) -> None:
         events.append(SequenceEnd(seq.seq_id, reason, seq.utf8.decode(b"", final=True)))  # type: ignore[arg-type]

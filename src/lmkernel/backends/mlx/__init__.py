@@ -262,7 +262,7 @@ class MLXBackend(Backend):
 
     name = "mlx"
     prediction_keys = frozenset(
-        {"temperature", "topKSampling", "topPSampling", "minPSampling", "repeatPenalty"}
+        {"temperature", "topKSampling", "topPSampling", "minPSampling", "repeatPenalty", "structured"}
     )
     load_keys = frozenset({"seed", "evalBatchSize", "promptCacheBytes"})
     priority = 10

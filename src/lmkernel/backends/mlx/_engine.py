@@ -17,6 +17,11 @@ token, on every conversation tested (tests/backends/test_prompt_cache.py; SmolLM
 turns). Not bit for bit: the rows of tokens computed one per step (an answer) differ from those
 of a prefill chunk in the last bits (up to 1.3e-6 on the tiny test model), so a near tie between
 two logits could still go the other way, as it can between batch sizes.
+
+A constrained sequence (structured output) gets one more logits processor, last: it asks the
+sequence's :class:`~lmkernel.plugins.TokenConstraint` for the mask (passing the token the batch
+feeds this step, which the generator sampled one step ahead of reporting it) and sets what the
+mask does not allow to minus infinity, before the sampler or the batch's argmax.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
@@ -40,6 +46,8 @@ from ...plugins.contract import (
     SequenceEnd,
     StepEvent,
     Token,
+    TokenConstraint,
+    Vocabulary,
 )
 from ...plugins.detokenize import IncrementalDetokenizer
 from ._gguf import load_gguf
@@ -97,6 +105,25 @@ def _lone(cache: object) -> bool:
     return type(cache) is BatchKVCache and cache.left_padding.shape == (1,) and cache.left_padding.item() == 0
 
 
+class _Mask:
+    """An mlx-lm logits processor that applies one sequence's constraint (see the module docstring)."""
+
+    def __init__(self, constraint: TokenConstraint) -> None:
+        self._constraint = constraint
+        self._first = True
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        # The first call feeds the prompt's last token; every later one the token sampled before.
+        previous = None if self._first else int(tokens[-1].item())
+        self._first = False
+        mask = self._constraint.allowed(previous)
+        width = logits.shape[-1]
+        bits = np.unpackbits(mask.view(np.uint8), count=min(width, mask.size * 32), bitorder="little").view(bool)
+        if bits.size < width:  # logits wider than the vocabulary: the rest is never allowed
+            bits = np.concatenate([bits, np.zeros(width - bits.size, dtype=bool)])
+        return mx.where(mx.array(bits), logits, -mx.inf)
+
+
 @dataclass(eq=False)
 class _Sequence:
     seq_id: int
@@ -150,7 +177,20 @@ class MLXEngine(Engine):
         # but the kernel's contextOverflowPolicy decides what happens to it.
         return list(self.tokenizer.encode(text, add_special_tokens=add_special, verbose=False))
 
-    def add(self, seq_id: int, prompt_tokens: Sequence[int], sampling: Sampling, max_tokens: int) -> None:
+    def vocabulary(self) -> Vocabulary:
+        """The tokenizer's own JSON (what llguidance reads) and the ids the batch generator stops on."""
+        from copy import copy
+
+        backend = copy(self.tokenizer._tokenizer.backend_tokenizer)  # PreTrainedTokenizerFast's Rust tokenizer
+        backend.no_padding()
+        backend.no_truncation()
+        size = getattr(getattr(self.model, "args", None), "vocab_size", None)  # the logits' width
+        if not isinstance(size, int) or size <= 0:
+            size = len(self.tokenizer._tokenizer)
+        return Vocabulary(size=size, end_tokens=sorted(self.tokenizer.eos_token_ids), tokenizer_json=backend.to_str())
+
+    def add(self, seq_id: int, prompt_tokens: Sequence[int], sampling: Sampling, max_tokens: int,
+            *, constraint: TokenConstraint | None = None) -> None:
         sampler = None  # None: the batch's shared greedy sampler, one batched argmax
         processors: list = []
         if not sampling.greedy:
@@ -161,6 +201,8 @@ class MLXEngine(Engine):
             )
             if sampling.repeat_penalty != 1.0:
                 processors = [make_repetition_penalty(sampling.repeat_penalty, REPEAT_CONTEXT)]
+        if constraint is not None:
+            processors = [*processors, _Mask(constraint)]
         prompt = list(prompt_tokens)
         layers, cached = self.prompt_cache.fetch(prompt) if self.prompt_cache is not None else (None, 0)
         # all_tokens: the tokens the given cache holds (the repeat penalty looks back over them too).
