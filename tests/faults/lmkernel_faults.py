@@ -6,7 +6,9 @@ file. An entry ``{"step": {"mode": "raise", "after": 2, "times": 1}}`` makes the
 of ``step`` (counted per process since the file last changed) raise; ``"hang"`` sleeps for
 ``seconds`` (default 30) instead; ``"malformed"`` returns a value that breaks the contract.
 ``availability`` takes its fault from the environment variable ``LMKERNEL_FAULT_AVAILABILITY``
-(it has no folder). Registered through ``lmkernel_faults-0.1.dist-info/entry_points.txt``:
+(it has no folder). Structured output: ``vocabulary`` also takes ``"none"`` (the engine says it
+cannot constrain); ``add`` also takes ``"unmasked"`` (the engine ignores the masks of the
+constraint it is given and samples any token). Registered through ``lmkernel_faults-0.1.dist-info/entry_points.txt``:
 putting this folder on ``sys.path`` (or ``PYTHONPATH``) installs it.
 """
 
@@ -18,8 +20,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from lmkernel.backends.mlx import backend as mlx
-from lmkernel.plugins import Availability, Backend, Engine, ModelDescription, Token
+from lmkernel.plugins import Availability, Backend, Engine, ModelDescription, Token, TokenConstraint
 
 FAULT_FILE = "faults.json"
 
@@ -85,9 +89,16 @@ class FaultEngine(Engine):
             return ["not", "ids"]
         return self._inner.tokenize(text)
 
-    def add(self, seq_id, prompt_tokens, sampling, max_tokens):
-        self._fault("add")
-        self._inner.add(seq_id, prompt_tokens, sampling, max_tokens)
+    def vocabulary(self):
+        mode = self._fault("vocabulary")
+        if mode == "malformed":
+            return "not a vocabulary"
+        return None if mode == "none" else self._inner.vocabulary()
+
+    def add(self, seq_id, prompt_tokens, sampling, max_tokens, *, constraint=None):
+        if self._fault("add") == "unmasked" and constraint is not None:
+            constraint = _Unmasked(constraint)
+        self._inner.add(seq_id, prompt_tokens, sampling, max_tokens, constraint=constraint)
 
     def step(self):
         if self._fault("step") == "malformed":
@@ -107,6 +118,19 @@ class FaultEngine(Engine):
             self._fault("close")
         finally:
             self._inner.close()
+
+
+class _Unmasked(TokenConstraint):
+    """A constraint whose engine reports what it samples but ignores the masks."""
+
+    def __init__(self, inner: TokenConstraint) -> None:
+        self._inner = inner
+        self.words = inner.words
+        self._all = np.full(inner.words, -1, dtype=np.int32)
+
+    def allowed(self, previous):
+        self._inner.allowed(previous)
+        return self._all
 
 
 class _BadEngine(Engine):

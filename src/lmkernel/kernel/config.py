@@ -292,6 +292,31 @@ def _check_value(camel: str, value: Any, field: msgspec.inspect.Field, hint: Any
         raise LMKernelConfigError(f"Invalid {what} value for {camel!r}: expected {rule[0]}, got {show(value)}")
 
 
+#: The keys of a ``structured`` setting, in both spellings.
+STRUCTURED_KEYS = {"type": "type", "jsonSchema": "jsonSchema", "json_schema": "jsonSchema",
+                   "gbnfGrammar": "gbnfGrammar", "gbnf_grammar": "gbnfGrammar"}
+
+
+def _structured_value(value: Any) -> Any:
+    """A ``structured`` setting given as a dict, with its keys in camelCase (snake_case accepted, as LM Studio does)."""
+    if not isinstance(value, Mapping):
+        return value
+    out: dict[Any, Any] = {}
+    for key, item in value.items():
+        name = STRUCTURED_KEYS.get(key) if isinstance(key, str) else None
+        if name is None:
+            raise LMKernelConfigError(
+                f"Unknown key {show(key)} in prediction config value for 'structured' "
+                f"(its keys: type, jsonSchema, gbnfGrammar)")
+        if name in out:
+            raise LMKernelConfigError(f"prediction config value for 'structured' gives {name!r} twice")
+        out[name] = item
+    return out
+
+
+_NORMALIZE: dict[str, Callable[[Any], Any]] = {"structured": _structured_value}
+
+
 def _parse(
     config: Any, struct: type[msgspec.Struct], rules: Mapping[str, _Rule], what: str
 ) -> Any:
@@ -309,6 +334,8 @@ def _parse(
         seen[camel] = key
         if value is None:
             continue
+        if camel in _NORMALIZE:
+            value = _NORMALIZE[camel](value)
         field = fields[camel]
         _check_value(camel, value, field, hints[field.name], rules.get(camel), what)
         values[camel] = value

@@ -12,6 +12,8 @@ from .contract import (
     SequenceEnd,
     StepEvent,
     Token,
+    TokenConstraint,
+    Vocabulary,
     read_config,
 )
 from .discovery import ENTRY_POINT_GROUP, BackendStatus, Discovery, discover
@@ -31,6 +33,8 @@ __all__ = [
     "SequenceEnd",
     "StepEvent",
     "Token",
+    "TokenConstraint",
+    "Vocabulary",
     "discover",
     "read_config",
 ]

@@ -20,6 +20,7 @@ from ..errors import (
 )
 from ..kernel import messages as m
 from ..kernel.config import (
+    STRUCTURED_KEYS,
     LlmLoadModelConfig,
     LlmStructuredPredictionSetting,
     check_identifier,
@@ -185,10 +186,6 @@ def predict_request(
     return (lambda i: m.Predict(id=i, model=identifier, prompt=prompt, config=settings)), structured
 
 
-_SETTING_KEYS = {"type": "type", "jsonSchema": "jsonSchema", "json_schema": "jsonSchema",
-                 "gbnfGrammar": "gbnfGrammar", "gbnf_grammar": "gbnfGrammar"}
-
-
 def structured_setting(response_format: Any) -> dict[str, Any]:
     """``response_format`` as LM Studio reads it, as the ``structured`` config value.
 
@@ -210,8 +207,8 @@ def structured_setting(response_format: Any) -> dict[str, Any]:
         raise LMKernelValueError(
             f"Failed to parse response format: expected a JSON schema dict, a model class or a structured "
             f"setting, got {show(response_format)}")
-    if response_format.get("type") in ("json", "gbnf", "none") and set(response_format) <= set(_SETTING_KEYS):
-        return {_SETTING_KEYS[k]: v for k, v in response_format.items()}
+    if response_format.get("type") in ("json", "gbnf", "none") and set(response_format) <= set(STRUCTURED_KEYS):
+        return response_format  # a setting (the config's check reads either spelling)
     return {"type": "json", "jsonSchema": response_format}
 
 

@@ -1,0 +1,116 @@
+"""Structured output's failures, each owned by its request: a schema or grammar that does not
+compile, an engine that cannot constrain, one whose vocabulary breaks or which samples outside
+the mask. The request ends with an error naming the problem; the engine is not replaced, a
+prediction on another model carries on, and the next request succeeds.
+
+The fault backend (``tests/faults``) is the real MLX backend with faults on command.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import lmkernel as lms
+from lmkernel.kernel._placement import check_supported
+from lmkernel.kernel._structured import closed
+from lmkernel.kernel.config import parse_prediction_config
+from lmkernel.plugins.contract import Backend
+
+from ..conftest import TINY
+from .test_faults import FAULTY, Bystander, bounded, clear, expect_error, faults, inject  # noqa: F401 - fixture
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
+
+
+def structured_complete(key: str = FAULTY, schema: dict = SCHEMA, max_tokens: int = 40):
+    return lms.llm(key).complete("the cat sat", response_format=schema,
+                                 config={"temperature": 0, "maxTokens": max_tokens})
+
+
+def healthy(key: str = FAULTY) -> None:
+    """A constrained and a plain prediction succeed on ``key`` (its engine was not replaced or broken)."""
+    result, _ = bounded(structured_complete, key, limit=60)
+    assert isinstance(result, lms.PredictionResult), result
+    assert result.stats.stop_reason == "eosFound" and isinstance(result.parsed["n"], int), result.content
+    plain = lms.llm(key).complete("the cat", config={"temperature": 0, "maxTokens": 4})
+    assert plain.stats.predicted_tokens_count >= 1
+
+
+@pytest.mark.parametrize(("mode", "cls", "message"), [
+    ("none", lms.LMKernelUnsupportedConfigError, "gives no vocabulary, so its output cannot be constrained"),
+    ("raise", lms.LMKernelBackendError, "failed while describing its vocabulary model 'faulty': InjectedFault"),
+    ("malformed", lms.LMKernelBackendError, "Engine.vocabulary() must return a Vocabulary or None, got 'not a"),
+])
+def test_an_engine_without_a_usable_vocabulary_fails_only_the_structured_request(faults, mode, cls, message):  # noqa: F811
+    lms.llm(FAULTY).unload()  # a fresh engine: the vocabulary is read once per engine
+    bystander = Bystander()
+    inject(faults, "vocabulary", mode, times=100)
+    outcome, _ = bounded(structured_complete, limit=60)
+    expect_error(outcome, cls, message)
+    plain = lms.llm(FAULTY).complete("the cat", config={"temperature": 0, "maxTokens": 4})  # the engine still serves
+    assert plain.stats.predicted_tokens_count >= 1
+    bystander.check()
+    clear(faults)
+    healthy()
+
+
+def test_an_engine_that_samples_outside_the_mask_fails_that_prediction_only(faults):  # noqa: F811
+    healthy()
+    bystander = Bystander()
+    inject(faults, "add", "unmasked")
+    outcome, _ = bounded(structured_complete, limit=60)
+    expect_error(outcome, lms.LMKernelBackendError, "failed while constraining its output model 'faulty'",
+                 "which the grammar does not allow there")
+    bystander.check()
+    clear(faults)
+    healthy()
+
+
+@pytest.mark.parametrize(("structured", "message"), [
+    ({"type": "json"}, 'structured output of type "json" needs a jsonSchema'),
+    ({"type": "gbnf", "gbnfGrammar": " "}, 'structured output of type "gbnf" needs a gbnfGrammar'),
+    ({"type": "gbnf", "gbnfGrammar": "root ::= item\n"}, "structured gbnfGrammar is not a valid GBNF grammar"),
+    ({"type": "json", "jsonSchema": {"type": "string", "pattern": "(?=a)b"}}, "Invalid structured output setting"),
+    ({"type": "json", "jsonSchema": {"$ref": "#/$defs/Missing"}}, "Invalid structured output setting"),
+])
+def test_a_setting_that_does_not_compile_is_the_requests_error_and_loses_nothing(structured, message):
+    model = lms.llm(TINY)
+    with pytest.raises(lms.LMKernelValueError, match=message):
+        model.complete("x", config={"structured": structured, "maxTokens": 4})
+    result = model.complete("x", response_format=SCHEMA, config={"temperature": 0, "maxTokens": 40})
+    assert result.stats.stop_reason == "eosFound" and 0 <= result.parsed["n"] <= 9
+
+
+def test_a_backend_that_cannot_constrain_refuses_the_key_before_any_compute():
+    class Plain(Backend):
+        name = "plain"
+        prediction_keys = frozenset({"temperature"})
+        availability = describe = load = None  # type: ignore[assignment]
+
+    config = parse_prediction_config({"structured": {"type": "json", "jsonSchema": SCHEMA}})
+    with pytest.raises(lms.LMKernelUnsupportedConfigError,
+                       match=r"Structured output \(response_format, or the config key 'structured'\) is not "
+                             r"supported by backend 'plain' \(model 'm'\)"):
+        check_supported(config, Plain(), "m")
+    check_supported(parse_prediction_config({"structured": {"type": "none"}}), Plain(), "m")  # asks for nothing
+
+
+def test_objects_allow_only_their_listed_keys_unless_the_schema_says_otherwise():
+    schema = {
+        "type": "object",
+        "properties": {"properties": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                       "open": {"type": "object", "properties": {}, "additionalProperties": True},
+                       "any": {"type": "object"}},
+        "$defs": {"D": {"properties": {"x": {"enum": [{"properties": {}}]}}}},
+        "items": [{"properties": {}}],
+    }
+    out = closed(schema)
+    assert out["additionalProperties"] is False
+    assert out["properties"]["properties"]["additionalProperties"] is False
+    assert "additionalProperties" not in out["properties"]  # a property named "properties" stays a property
+    assert out["properties"]["open"]["additionalProperties"] is True
+    assert "additionalProperties" not in out["properties"]["any"]  # {"type": "object"}: any object
+    assert out["$defs"]["D"]["additionalProperties"] is False
+    assert out["$defs"]["D"]["properties"]["x"]["enum"] == [{"properties": {}}]  # values are not schemas
+    assert out["items"][0]["additionalProperties"] is False
+    assert schema["properties"]["properties"] == {"type": "object", "properties": {"a": {"type": "integer"}}}
