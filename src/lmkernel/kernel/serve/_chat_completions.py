@@ -11,9 +11,10 @@ Roles ``system``, ``developer`` (read as ``system``, as OpenAI does for older mo
 audio, files, tool calls and the ``tool``/``function`` roles are refused. Sampling fields
 are the legacy endpoint's (:func:`~._completions.prediction_config`); ``max_tokens`` and
 ``max_completion_tokens`` are one limit (both given and different is a 400), with no limit
-by default (the model's end of turn or the context ends the answer), as OpenAI's. A field
-lmkernel cannot honour is a 400 naming it; a neutral value (``n: 1``, ``logprobs: false``,
-a penalty of 0, ``response_format`` text, no tools) is accepted.
+by default (the model's end of turn or the context ends the answer), as OpenAI's.
+``response_format`` ``json_object`` or ``json_schema`` constrains the answer token by token
+(:func:`~._completions.structured_setting`). A field lmkernel cannot honour is a 400 naming
+it; a neutral value (``n: 1``, ``logprobs: false``, a penalty of 0, no tools) is accepted.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ._completions import (
     prediction_config,
     refuse,
     show,
+    structured_setting,
 )
 
 
@@ -54,7 +56,7 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: Any = None  # checked by structured_setting
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -132,7 +134,6 @@ def parse_chat(body: bytes) -> tuple[ChatCompletionRequest, list[m.ChatMessage]]
         "top_logprobs": request.top_logprobs is not None,
         "frequency_penalty": request.frequency_penalty not in (None, 0),
         "presence_penalty": request.presence_penalty not in (None, 0), "logit_bias": bool(request.logit_bias),
-        "response_format": request.response_format not in (None, {"type": "text"}),
         "tools": bool(request.tools), "tool_choice": request.tool_choice not in (None, "none", "auto"),
         "parallel_tool_calls": request.parallel_tool_calls is not None, "store": bool(request.store),
     }, request, "chat completions")
@@ -153,7 +154,7 @@ def chat_job(body: bytes) -> Job:
     return Job(
         model=request.model, shape=CHAT, messages=conversation,
         config=prediction_config(temperature=request.temperature, top_p=request.top_p, max_tokens=limit,
-                                 stop=request.stop),
+                                 stop=request.stop, structured=structured_setting(request.response_format)),
         stream=bool(request.stream),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
     )

@@ -3,15 +3,17 @@
 I/O-free: :func:`parse_completion` turns a body into a :class:`CompletionRequest` or an
 :class:`HttpError` (400) naming the field, and :func:`completion_job` into the :class:`Job`
 the HTTP handler runs; :func:`prediction_config` maps the sampling fields onto the kernel's
-prediction config with OpenAI's defaults; a :class:`Shape` says how an endpoint words its
-answers (``/v1/chat/completions`` has its own, in :mod:`._chat_completions`);
-:func:`raw_response` writes an error response outside h11's state machine.
+prediction config with OpenAI's defaults, and :func:`structured_setting` a ``response_format``
+onto its ``structured`` setting; a :class:`Shape` says how an endpoint words its answers
+(``/v1/chat/completions`` has its own, in :mod:`._chat_completions`); :func:`raw_response`
+writes an error response outside h11's state machine.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -49,6 +51,7 @@ class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
     presence_penalty: float = 0.0
     suffix: str | None = None
     user: str | None = None
+    response_format: Any = None  # checked by structured_setting
 
 
 class HttpError(Exception):
@@ -66,6 +69,8 @@ _FIELDS = {"'temperature'": "temperature", "'topPSampling'": "top_p", "'maxToken
 _STATUS = {"model_not_found": 404, "config": 400, "unsupported_config": 400, "value": 400,
            "prompt_too_long": 400, "queue_full": 429, "backend_unavailable": 503}
 _FINISH = {"maxPredictedTokensReached": "length", "contextLengthReached": "length"}
+# The kernel's refusals of a structured setting (a schema llguidance cannot compile, an engine that cannot constrain).
+_STRUCTURED = ("structured output", "structured jsonSchema", "structured gbnfGrammar")
 
 
 def raw_response(error: HttpError, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -81,6 +86,8 @@ def raw_response(error: HttpError, extra: tuple[tuple[str, str], ...] = ()) -> b
 def _failure(error: m.ErrorInfo) -> HttpError:
     """The HTTP error for a request the kernel failed, naming the body's field where it can."""
     param = next((f for key, f in _FIELDS.items() if key in error.message), None) if error.kind == "config" else None
+    if error.kind in ("value", "unsupported_config") and any(key in error.message for key in _STRUCTURED):
+        param = "response_format"
     kind = "server_error" if error.kind == "backend" else "invalid_request_error"
     message = error.message
     if error.kind == "prompt_too_long" and ": contextOverflowPolicy" in message:
@@ -165,14 +172,19 @@ def completion_job(body: bytes) -> Job:
         model=request.model, shape=TEXT,
         prompt=request.prompt if isinstance(request.prompt, str) else request.prompt[0],
         config=prediction_config(temperature=request.temperature, top_p=request.top_p,
-                                 max_tokens=request.max_tokens, stop=request.stop),
+                                 max_tokens=request.max_tokens, stop=request.stop,
+                                 structured=structured_setting(request.response_format)),
         stream=request.stream, include_usage=bool(request.stream_options and request.stream_options.include_usage),
     )
 
 
 def prediction_config(*, temperature: float | None, top_p: float | None, max_tokens: int | None,
-                      stop: str | list[str] | None) -> dict[str, Any]:
-    """The kernel's prediction config for these OpenAI fields (``None``: OpenAI's default)."""
+                      stop: str | list[str] | None, structured: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The kernel's prediction config for these OpenAI fields (``None``: OpenAI's default).
+
+    ``structured`` is the kernel's ``structured`` setting (:func:`structured_setting`), or
+    ``None`` for unconstrained text.
+    """
     config: dict[str, Any] = {
         "temperature": 1.0 if temperature is None else temperature,
         "topPSampling": False if top_p in (None, 1.0) else top_p,
@@ -187,7 +199,69 @@ def prediction_config(*, temperature: float | None, top_p: float | None, max_tok
         config["maxTokens"] = max_tokens
     if stop is not None:
         config["stopStrings"] = [stop] if isinstance(stop, str) else stop
+    if structured is not None:
+        config["structured"] = structured
     return config
+
+
+_SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_FORMAT_FIELDS = {"text": ("type",), "json_object": ("type",), "json_schema": ("type", "json_schema")}
+_JSON_SCHEMA_FIELDS = ("name", "description", "schema", "strict")
+
+
+def structured_setting(response_format: object) -> dict[str, Any] | None:
+    """The kernel's ``structured`` setting for an OpenAI ``response_format`` (``None``: unconstrained).
+
+    ``{"type": "text"}`` (or none) is unconstrained; ``{"type": "json_object"}`` any JSON object;
+    ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`` that schema (any
+    JSON object without one). ``name`` follows OpenAI's rule; ``description`` and ``strict`` are
+    accepted and change nothing (the schema is always enforced). Anything else is an
+    :class:`HttpError` (400) naming the rule, the value and the field. Whether the schema
+    compiles is the kernel's to say, when the prediction starts.
+    """
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise HttpError(400, f"'response_format' must be an object like {{\"type\": \"json_schema\", \"json_schema\": "
+                             f"{{...}}}}, got {show(response_format)}", "response_format")
+    kind = response_format.get("type")
+    if not isinstance(kind, str) or kind not in _FORMAT_FIELDS:
+        raise HttpError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {show(kind)}",
+                        "response_format.type")
+    _check_fields(response_format, _FORMAT_FIELDS[kind], "response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json", "jsonSchema": {"type": "object"}}
+    return {"type": "json", "jsonSchema": _json_schema(response_format.get("json_schema"))}
+
+
+def _json_schema(spec: object) -> dict[str, Any]:
+    """The schema of ``response_format.json_schema``, its other fields checked."""
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise HttpError(400, f"{where} must be an object like {{\"name\": \"...\", \"schema\": {{...}}}}, "
+                             f"got {show(spec)}", where)
+    _check_fields(spec, _JSON_SCHEMA_FIELDS, where)
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise HttpError(400, f"{where}.name must be 1 to 64 letters, digits, underscores or dashes "
+                             f"(a-z, A-Z, 0-9, _, -), got {show(name)}", f"{where}.name")
+    if not isinstance(description := spec.get("description"), (str, type(None))):
+        raise HttpError(400, f"{where}.description must be a string, got {show(description)}", f"{where}.description")
+    if not isinstance(strict := spec.get("strict"), (bool, type(None))):
+        raise HttpError(400, f"{where}.strict must be true, false or null, got {show(strict)}", f"{where}.strict")
+    schema = spec.get("schema")
+    if schema is None:  # OpenAI's schema is optional: then any JSON object, as json_object
+        return {"type": "object"}
+    if not isinstance(schema, dict):
+        raise HttpError(400, f"{where}.schema must be a JSON schema object, got {show(schema)}", f"{where}.schema")
+    return schema
+
+
+def _check_fields(value: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    if unknown := next((key for key in value if key not in known), None):
+        raise HttpError(400, f"{where} has an unknown field {show(unknown)}", f"{where}.{unknown}")
 
 
 def usage(stats: m.LlmPredictionStats) -> dict[str, Any]:

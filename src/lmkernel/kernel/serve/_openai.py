@@ -3,8 +3,8 @@
 
 HTTP/1.1 with keep-alive, parsed by ``h11``. ``/v1/completions`` takes the legacy
 completions body (``model``, ``prompt``, ``max_tokens``, ``temperature``, ``top_p``, ``stop``,
-``stream``, ``stream_options.include_usage``; :mod:`._completions`); ``/v1/chat/completions``
-a conversation (``messages``, the same sampling fields, ``max_completion_tokens``;
+``stream``, ``stream_options.include_usage``, ``response_format``; :mod:`._completions`);
+``/v1/chat/completions`` a conversation (``messages``, the same fields, ``max_completion_tokens``;
 :mod:`._chat_completions`), rendered by the kernel with the model's chat template. A field
 lmkernel cannot honour, or does not know, is a 400 naming the field, never silently ignored.
 Both endpoints run through one path (:meth:`OpenAIHandler._predict`: model policy, load,
@@ -306,7 +306,9 @@ class OpenAIHandler:
 
     async def _stream(self, events: trio.MemoryReceiveChannel, meta: dict, shape: Shape, include_usage: bool) -> None:
         first = await events.receive()
-        while isinstance(first, (m.PromptProgress, m.FirstToken)):
+        # The head waits for the first text: a request refused when it leaves the queue (a grammar
+        # that does not compile, a chat the template refuses) is still a plain HTTP error.
+        while isinstance(first, (m.Queued, m.PromptProgress, m.FirstToken)):
             first = await events.receive()
         if isinstance(first, m.Failed):  # before any byte of the stream: a plain HTTP error
             raise _failure(first.error)
