@@ -149,7 +149,7 @@ class LlamaCppEngine(Engine):
                 buf = ctypes.create_string_buffer(-n)
                 n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
             piece = buf.raw[: max(n, 0)]
-            attr = lc.llama_token_get_attr(self._vocab, token)
+            attr = lc.llama_vocab_get_attr(self._vocab, token)
             if attr & control or (attr & lc.LLAMA_TOKEN_ATTR_USER_DEFINED and piece[:1] == b"<" and piece[-1:] == b">"):
                 piece = b"\xff" + piece  # a special token: no grammar matches it
             tokens.append(piece)
