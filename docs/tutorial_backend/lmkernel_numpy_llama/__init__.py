@@ -4,6 +4,8 @@ It shows the whole contract on a real engine: ``describe`` reads a Hugging Face 
 ``load`` builds an engine on the model's worker thread, the engine keeps one KV cache per
 sequence and advances every sequence by one unit of work per ``step``: one prefill chunk, or
 one token. Stop strings, maxTokens, stats and progress fractions are the kernel's job.
+Structured output too, but for one thing: the engine masks its logits with the mask the
+kernel's constraint gives it (``vocabulary``, and ``constraint`` in ``add``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from lmkernel.plugins import (
     Sampling,
     SequenceEnd,
     Token,
+    TokenConstraint,
+    Vocabulary,
 )
 from lmkernel.plugins.detokenize import IncrementalDetokenizer
 
@@ -32,8 +36,8 @@ CHUNK = 64  # prefill tokens per step
 
 class _Sequence:
     def __init__(self, prompt: list[int], sampling: Sampling, budget: int, layers: int, seed: int,
-                 detokenizer: IncrementalDetokenizer) -> None:
-        self.prompt, self.sampling, self.budget = prompt, sampling, budget
+                 detokenizer: IncrementalDetokenizer, constraint: TokenConstraint | None) -> None:
+        self.prompt, self.sampling, self.budget, self.constraint = prompt, sampling, budget, constraint
         self.keys: list[np.ndarray | None] = [None] * layers
         self.values: list[np.ndarray | None] = [None] * layers
         self.position = 0
@@ -65,10 +69,15 @@ class NumpyLlamaEngine(Engine):
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids  # the tokenizer adds BOS, as the model expects
 
-    def add(self, seq_id: int, prompt_tokens, sampling: Sampling, max_tokens: int) -> None:
+    def vocabulary(self) -> Vocabulary:
+        size = self.w["model.embed_tokens.weight"].shape[0]  # the logits' width
+        return Vocabulary(size=size, end_tokens=[self.eos], tokenizer_json=self.tokenizer.to_str())
+
+    def add(self, seq_id: int, prompt_tokens, sampling: Sampling, max_tokens: int, *,
+            constraint: TokenConstraint | None = None) -> None:
         detokenizer = IncrementalDetokenizer(self.tokenizer.decode, prompt_tokens)  # special tokens skipped
-        self.seqs[seq_id] = _Sequence(list(prompt_tokens), sampling, max_tokens,
-                                      self.config["num_hidden_layers"], seed=seq_id, detokenizer=detokenizer)
+        self.seqs[seq_id] = _Sequence(list(prompt_tokens), sampling, max_tokens, self.config["num_hidden_layers"],
+                                      seed=seq_id, detokenizer=detokenizer, constraint=constraint)
 
     def remove(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
@@ -148,6 +157,10 @@ class NumpyLlamaEngine(Engine):
 
     def _sample(self, seq: _Sequence) -> int:
         logits, s = seq.next_logits.astype(np.float64), seq.sampling
+        if seq.constraint is not None:  # structured output: only the tokens the grammar allows
+            mask = seq.constraint.allowed(seq.generated[-1] if seq.generated else None)
+            allowed = np.unpackbits(mask.view(np.uint8), count=len(logits), bitorder="little").astype(bool)
+            logits[~allowed] = -np.inf
         if s.greedy:
             return int(np.argmax(logits))
         if s.repeat_penalty != 1.0 and seq.generated:
@@ -171,7 +184,8 @@ class NumpyLlamaEngine(Engine):
 
 class NumpyLlamaBackend(Backend):
     name = "numpy-llama"
-    prediction_keys = frozenset({"temperature", "topKSampling", "topPSampling", "minPSampling", "repeatPenalty"})
+    prediction_keys = frozenset({"temperature", "topKSampling", "topPSampling", "minPSampling", "repeatPenalty",
+                                 "structured"})
     priority = 1  # the slowest engine: only where nothing else accepts the model
 
     def availability(self) -> Availability:

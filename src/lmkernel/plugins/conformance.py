@@ -324,6 +324,48 @@ class Conformance:
             f"the continuation after the generated tokens before a space must start with one: {runs[-1][2]!r}"
         )
 
+    def check_structured_output_follows_the_mask(self) -> None:
+        """A backend that lists ``"structured"`` applies the kernel's masks: a grammar's text, greedy
+        and sampled, ending with ``eos`` when the grammar is complete; an unconstrained sequence in
+        the same batch gives its solo tokens. (Nothing to check for a backend without the key.)"""
+        if "structured" not in self.backend.prediction_keys:
+            return
+        from ..kernel._structured import Grammars, grammar_for
+        from ..kernel.config import LlmStructuredPredictionSetting as Setting
+
+        words = ["cat", "dog", "bird"]
+        grammars = {
+            "gbnf": grammar_for(Setting(type="gbnf", gbnf_grammar='root ::= "yes" | "no"')),
+            "json": grammar_for(Setting(type="json", json_schema={"enum": words})),
+        }
+        runner = self._engine()
+        try:
+            def scenario(engine: Engine):
+                side = Grammars("conformance")
+                call = lambda doing, fn, *args: fn(*args)  # noqa: E731 - the worker's timed call, untimed
+                prompt = engine.tokenize("The cat sat on the")
+                engine.add(99, prompt, GREEDY, 12)
+                alone = _tokens(_run_all(engine)[99])
+                constraints, sampled = {}, Sampling(temperature=1.0)
+                for i, (name, sampling) in enumerate([(n, s) for n in grammars for s in (GREEDY, sampled)]):
+                    constraints[i] = (name, side.constraint(engine, grammars[name], call, frozenset()))
+                    engine.add(i, prompt, sampling, 12, constraint=constraints[i][1])
+                engine.add(98, prompt, GREEDY, 12)
+                events = _run_all(engine)
+                return alone, events, constraints
+
+            alone, events, constraints = runner.call(scenario)
+        finally:
+            runner.close()
+        beside = _tokens(events[98])
+        assert beside == alone, f"an unconstrained sequence beside constrained ones: {beside} != {alone}"
+        for i, (name, constraint) in constraints.items():
+            text, end = _text(events[i]).strip(), events[i][-1]
+            assert constraint.problem is None, f"{name} #{i}: {constraint.problem}"
+            assert isinstance(end, SequenceEnd) and end.reason == "eos", f"{name} #{i} did not end with eos: {end}"
+            allowed = {"yes", "no"} if name == "gbnf" else {f'"{w}"' for w in words}
+            assert text in allowed and constraint.complete, f"{name} #{i}: {text!r} is not one of {sorted(allowed)}"
+
     # ---- kernel level -------------------------------------------------------------------
 
     def check_kernel_requests_end_once(self) -> None:
