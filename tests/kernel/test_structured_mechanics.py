@@ -72,6 +72,8 @@ def test_an_engine_that_samples_outside_the_mask_fails_that_prediction_only(faul
     ({"type": "gbnf", "gbnfGrammar": "root ::= item\n"}, "structured gbnfGrammar is not a valid GBNF grammar"),
     ({"type": "json", "jsonSchema": {"type": "string", "pattern": "(?=a)b"}}, "Invalid structured output setting"),
     ({"type": "json", "jsonSchema": {"$ref": "#/$defs/Missing"}}, "Invalid structured output setting"),
+    ({"type": "gbnf", "gbnfGrammar": 'root ::= "a"\n' + "#" * 20_000},
+     "structured gbnfGrammar is 20013 characters long; the limit is 20000"),
 ])
 def test_a_setting_that_does_not_compile_is_the_requests_error_and_loses_nothing(structured, message):
     model = lms.llm(TINY)

@@ -18,7 +18,7 @@ from ._context import policy_of, text_cannot_fit, text_too_long_message
 from ._failures import prompt_too_long_error, request_error
 from ._mailbox import Peer
 from ._prediction import PredictionRun, sampling_from_config
-from ._structured import grammar_for
+from ._structured import check_setting
 from .config import LlmPredictionConfig
 from .messages import ChatMessage, ErrorInfo, Failed, Queued
 
@@ -68,8 +68,8 @@ class ActorPredictions:
             )))
             return
         try:
-            grammar = grammar_for(config.structured)
-        except LMKernelError as exc:  # a structured setting without its schema, GBNF that does not convert
+            structured = check_setting(config.structured)
+        except LMKernelError as exc:  # a structured setting without its schema or grammar
             peer.predictions.pop(request_id, None)
             peer.send(Failed(id=request_id, error=request_error(exc, model=self.info.identifier)))
             return
@@ -78,7 +78,7 @@ class ActorPredictions:
             request_id, config, sampling, peer.send, self.info.model_info(), self.reported_load_config())
         self._runs[seq_id] = _Running(peer, run)
         text = prompt if isinstance(prompt, str) else w.ChatPrompt(prompt)
-        self._waiting.add(w.AddSequence(seq_id, text, sampling, run.max_tokens, policy_of(config), grammar), peer)
+        self._waiting.add(w.AddSequence(seq_id, text, sampling, run.max_tokens, policy_of(config), structured), peer)
         self._admit()
         if seq_id in self._runs and seq_id not in self._running:
             peer.send(Queued(id=request_id, position=len(self._waiting)))

@@ -5,11 +5,14 @@ and macOS arm64): it compiles JSON schemas (``$defs``/``$ref``, enums, bounds), 
 grammars, and computes the allowed-token bitmask of one step in tens of microseconds, against
 a decode step of milliseconds. The rest lives here, once for every backend:
 
-* :func:`grammar_for` turns the ``structured`` prediction setting into llguidance grammar text
-  (on the kernel thread, at the request: a malformed setting fails before any compute).
-* :class:`Grammars` (one per worker) builds the tokenizer llguidance needs from the engine's
-  :class:`~lmkernel.plugins.Vocabulary` once, compiles each grammar once (identical requests
-  share the compiled matcher) and makes a :class:`GrammarConstraint` per sequence.
+* :func:`check_setting` refuses a malformed ``structured`` setting on the kernel thread, at the
+  request, in microseconds (no schema, no grammar, a grammar too long to convert quickly).
+* :func:`grammar_for` turns a setting into llguidance grammar text, and :class:`Grammars` (one
+  per worker, on the model's engine thread: the only work a request costs beyond it is bounded
+  and its own model's) builds the tokenizer llguidance needs from the engine's
+  :class:`~lmkernel.plugins.Vocabulary` once, converts and compiles each setting once
+  (identical requests share the compiled matcher) and makes a :class:`GrammarConstraint` per
+  sequence.
 * :class:`GrammarConstraint` holds a sequence's grammar state. The engine asks it for the mask
   before each sample, passing the token it sampled last; the worker tells it every token the
   engine reported. Whichever comes first advances the matcher and the other is checked against
@@ -37,7 +40,7 @@ from .config import LlmStructuredPredictionSetting
 
 log = logging.getLogger("lmkernel.kernel")
 
-__all__ = ["GrammarConstraint", "Grammars", "closed", "grammar_for"]
+__all__ = ["MAX_GBNF_CHARS", "GrammarConstraint", "Grammars", "check_setting", "closed", "grammar_for"]
 
 #: Whitespace a JSON value may have between its tokens: llama.cpp's JSON-schema grammars' own
 #: (what LM Studio enforces): one space, or one or two newlines and an indent of at most 20.
@@ -45,6 +48,10 @@ __all__ = ["GrammarConstraint", "Grammars", "closed", "grammar_for"]
 JSON_WHITESPACE = r"(?:\x20|\n{1,2}[\x20\t]{0,20})?"
 #: Compiled grammars a worker keeps (each sequence gets a copy of its grammar's matcher).
 MAX_COMPILED = 32
+#: The longest GBNF grammar accepted, in characters. llguidance converts GBNF to Lark in Python,
+#: in time quadratic in the number of rules (measured: 22,700 characters of 1,000 rules 0.55 s,
+#: 48,700 characters 2.1 s); llama.cpp's own grammars (json.gbnf, c.gbnf ...) are 1 to 2 kB.
+MAX_GBNF_CHARS = 20_000
 
 
 def _llguidance():
@@ -53,32 +60,46 @@ def _llguidance():
     return llguidance
 
 
-def grammar_for(setting: LlmStructuredPredictionSetting | None) -> str | None:
-    """The llguidance grammar for a ``structured`` setting; ``None`` for none (or ``{"type": "none"}``).
+def check_setting(setting: LlmStructuredPredictionSetting | None) -> LlmStructuredPredictionSetting | None:
+    """The setting a prediction's output must follow, ``None`` for none (or ``{"type": "none"}``).
 
     Raises :class:`~lmkernel.LMKernelValueError` naming the rule for a setting without its
-    schema or grammar, or a grammar that does not convert. A schema's own errors (an unknown
-    ``$ref``, a ``pattern`` with look-around) are found when it is compiled, on the worker.
+    schema or grammar, or a GBNF grammar over :data:`MAX_GBNF_CHARS`. Cheap: what compiling
+    finds (an unknown ``$ref``, a ``pattern`` with look-around, GBNF that does not convert) is
+    found on the model's worker.
     """
     if setting is None or setting.type == "none":
         return None
+    if setting.type == "json":
+        if setting.json_schema is None:
+            raise LMKernelValueError(
+                'structured output of type "json" needs a jsonSchema (a JSON schema object), got none')
+        return setting
+    grammar = setting.gbnf_grammar
+    if not grammar or not grammar.strip():
+        raise LMKernelValueError(
+            f'structured output of type "gbnf" needs a gbnfGrammar (GBNF text), got {grammar!r}')
+    if len(grammar) > MAX_GBNF_CHARS:
+        raise LMKernelValueError(
+            f"structured gbnfGrammar is {len(grammar)} characters long; the limit is {MAX_GBNF_CHARS}")
+    return setting
+
+
+def grammar_for(setting: LlmStructuredPredictionSetting) -> str:
+    """The llguidance grammar of a setting :func:`check_setting` let through.
+
+    Raises :class:`~lmkernel.LMKernelValueError` when a GBNF grammar does not convert.
+    """
     llg = _llguidance()
     if setting.type == "json":
         schema = setting.json_schema
-        if schema is None:
-            raise LMKernelValueError(
-                'structured output of type "json" needs a jsonSchema (a JSON schema object), got none')
         try:
             return llg.LLMatcher.grammar_from_json_schema(
                 json.dumps(closed(schema)), overrides={"lenient": True, "whitespace_pattern": JSON_WHITESPACE})
         except (ValueError, TypeError) as exc:
             raise LMKernelValueError(f"structured jsonSchema is not a JSON schema object: {exc}") from None
-    grammar = setting.gbnf_grammar
-    if not grammar or not grammar.strip():
-        raise LMKernelValueError(
-            f'structured output of type "gbnf" needs a gbnfGrammar (GBNF text), got {grammar!r}')
     try:
-        return llg.grammar_from("gbnf", grammar)
+        return llg.grammar_from("gbnf", setting.gbnf_grammar)
     except Exception as exc:  # noqa: BLE001 - the converter raises what it meets: all are the grammar's fault
         raise LMKernelValueError(f"structured gbnfGrammar is not a valid GBNF grammar: {_first_line(exc)}") from None
 
@@ -161,27 +182,30 @@ class Grammars:
         self._tokenizer = self._vocabulary = None
         self._compiled.clear()
 
-    def constraint(self, engine: Engine, grammar: str, call: Callable, stops: frozenset[int]) -> GrammarConstraint:
-        """A new sequence's constraint for ``grammar`` (``call`` runs the engine's plugin code, timed).
+    def constraint(self, engine: Engine, setting: LlmStructuredPredictionSetting, call: Callable,
+                   stops: frozenset[int]) -> GrammarConstraint:
+        """A new sequence's constraint for ``setting`` (``call`` runs the engine's plugin code, timed).
 
-        Raises :class:`~lmkernel.LMKernelValueError` when the grammar does not compile,
+        Raises :class:`~lmkernel.LMKernelValueError` when the setting does not compile,
         :class:`~lmkernel.LMKernelUnsupportedConfigError` when the engine gives no vocabulary.
         """
         if self._tokenizer is None:
             self._build_tokenizer(engine, call)
         assert self._vocabulary is not None
-        matcher = self._compiled.get(grammar)
+        key = setting.gbnf_grammar if setting.type == "gbnf" else json.dumps(setting.json_schema, sort_keys=True)
+        key = f"{setting.type}:{key}"
+        matcher = self._compiled.get(key)
         if matcher is None:
-            matcher = _llguidance().LLMatcher(self._tokenizer, grammar)
+            matcher = _llguidance().LLMatcher(self._tokenizer, grammar_for(setting))
             if matcher.is_error():
                 raise LMKernelValueError(f"Invalid structured output setting: {matcher.get_error()[:1000]}")
             for warning in matcher.get_grammar_warnings():
                 log.warning("model %s: structured output: %s", self._name, warning)
-            self._compiled[grammar] = matcher
+            self._compiled[key] = matcher
             if len(self._compiled) > MAX_COMPILED:
                 self._compiled.popitem(last=False)
         else:
-            self._compiled.move_to_end(grammar)
+            self._compiled.move_to_end(key)
         return GrammarConstraint(matcher.deep_copy(), self._vocabulary, stops)
 
     def _build_tokenizer(self, engine: Engine, call: Callable) -> None:

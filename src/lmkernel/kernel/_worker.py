@@ -319,9 +319,9 @@ class EngineWorker:
                 stops = self._call(doing, self._chat.turn_ends, engine.tokenize, start)
             tokens = check_tokens(self._call(doing, engine.tokenize, prompt))
             window = fit(tokens, engine.context_length, policy, max_tokens, lambda: self._start_tokens(engine))
-            if command.grammar is not None and window is not None and tokens:
+            if command.structured is not None and window is not None and tokens:
                 doing = "while describing its vocabulary"
-                constraint = self._grammars.constraint(engine, command.grammar, self._call, stops)
+                constraint = self._grammars.constraint(engine, command.structured, self._call, stops)
         except LMKernelError as exc:  # the grammar does not compile, or the engine cannot constrain
             self._post(Refused(seq_id, exc))
             return

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..plugins.contract import Sampling, StepEvent
 from ._context import Budget
-from .config import ContextOverflowPolicy
+from .config import ContextOverflowPolicy, LlmStructuredPredictionSetting
 from .messages import ApplyTemplate, ChatMessage, StopReason
 
 __all__ = [
@@ -54,8 +54,8 @@ class AddSequence:
     sampling: Sampling
     max_tokens: int | None
     policy: ContextOverflowPolicy
-    #: The llguidance grammar its output must match (structured output), else ``None``.
-    grammar: str | None = None
+    #: What its output must match (structured output; checked by ``check_setting``), else ``None``.
+    structured: LlmStructuredPredictionSetting | None = None
 
 
 @dataclass(frozen=True)

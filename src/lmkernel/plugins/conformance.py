@@ -330,13 +330,13 @@ class Conformance:
         the same batch gives its solo tokens. (Nothing to check for a backend without the key.)"""
         if "structured" not in self.backend.prediction_keys:
             return
-        from ..kernel._structured import Grammars, grammar_for
+        from ..kernel._structured import Grammars
         from ..kernel.config import LlmStructuredPredictionSetting as Setting
 
         words = ["cat", "dog", "bird"]
         grammars = {
-            "gbnf": grammar_for(Setting(type="gbnf", gbnf_grammar='root ::= "yes" | "no"')),
-            "json": grammar_for(Setting(type="json", json_schema={"enum": words})),
+            "gbnf": Setting(type="gbnf", gbnf_grammar='root ::= "yes" | "no"'),
+            "json": Setting(type="json", json_schema={"enum": words}),
         }
         runner = self._engine()
         try:
