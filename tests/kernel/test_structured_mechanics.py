@@ -116,3 +116,39 @@ def test_objects_allow_only_their_listed_keys_unless_the_schema_says_otherwise()
     assert out["$defs"]["D"]["properties"]["x"]["enum"] == [{"properties": {}}]  # values are not schemas
     assert out["items"][0]["additionalProperties"] is False
     assert schema["properties"]["properties"] == {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+class _ByteTokens:
+    """A vocabulary of the 256 bytes and an end token: grammars checked text by text, no model."""
+
+    tokens = [bytes([i]) for i in range(256)] + [b"\xffend"]
+    eos_token_id, bos_token_id, special_token_ids = 256, None, [256]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
+
+
+def accepts(schema: dict, text: str) -> bool:
+    import llguidance
+
+    from lmkernel.kernel._structured import grammar_for
+    from lmkernel.kernel.config import LlmStructuredPredictionSetting
+
+    tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokens()))
+    setting = LlmStructuredPredictionSetting(type="json", json_schema=schema)
+    matcher = llguidance.LLMatcher(tokenizer, grammar_for(setting), log_level=0)
+    return all(matcher.consume_token(b) for b in text.encode()) and matcher.is_accepting()
+
+
+def test_exclusive_bounds_exclude_their_value():
+    assert not accepts({"type": "number", "exclusiveMinimum": 3, "maximum": 10}, "3")
+    assert not accepts({"type": "number", "minimum": 3, "exclusiveMaximum": 3.5}, "3.5")
+    assert not accepts({"type": "integer", "exclusiveMinimum": 3, "maximum": 4}, "3")
+    assert accepts({"type": "number", "exclusiveMinimum": 3, "maximum": 3.5}, "3.25")
+
+
+@pytest.mark.xfail(strict=True, reason="llguidance 1.9.1: an exclusive whole-number minimum under an upper bound "
+                                       "less than 1 above it lets the minimum itself through (not reported upstream "
+                                       "yet: no network here); strict, so a fixed llguidance shows up here")
+def test_a_narrow_range_above_an_exclusive_whole_minimum_excludes_it():
+    assert not accepts({"type": "number", "exclusiveMinimum": 3, "maximum": 3.5}, "3")

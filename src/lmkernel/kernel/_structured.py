@@ -196,7 +196,7 @@ class Grammars:
         key = f"{setting.type}:{key}"
         matcher = self._compiled.get(key)
         if matcher is None:
-            matcher = _llguidance().LLMatcher(self._tokenizer, grammar_for(setting))
+            matcher = _llguidance().LLMatcher(self._tokenizer, grammar_for(setting), log_level=0)  # errors: ours
             if matcher.is_error():
                 raise LMKernelValueError(f"Invalid structured output setting: {matcher.get_error()[:1000]}")
             for warning in matcher.get_grammar_warnings():
