@@ -19,24 +19,29 @@ the Hugging Face tokenizer in the model folder (``transformers``, else ``tokeniz
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._engine_runner import (
+    GREEDY,
+    Decode,
+    _before_a_space,
+    _EngineThread,
+    _generate,
+    _run_all,
+    _text,
+    _tokens,
+)
 from .contract import (
     Backend,
     Engine,
     LoadOptions,
     ModelRejected,
     PromptProgress,
-    Sampling,
     SequenceEnd,
     Token,
 )
 
-GREEDY = Sampling(temperature=0.0)
 LONG_PROMPT = " ".join(["the cat sat on the mat and the dog ran home"] * 30)
 # Prompts whose greedy continuations the text check compares with the tokenizer's decode: ones
 # that end on a whole word (so most models go on with a space, which a SentencePiece decoder
@@ -48,91 +53,6 @@ TEXT_PROMPTS = (
     "Café au lait, naïve résumé",
     "Grüße aus Köln und 東京 😀",
 )
-
-Decode = Callable[[list[int]], str]
-
-
-class _EngineThread:
-    """Runs engine calls on one thread (the contract's threading rule)."""
-
-    def __init__(self, backend: Backend, path: Path, options: LoadOptions) -> None:
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._backend = backend
-        self._thread = threading.Thread(target=self._run, args=(path, options), daemon=True)
-        self._thread.start()
-        self.engine: Engine = self.call(lambda e: e)
-
-    def _run(self, path: Path, options: LoadOptions) -> None:
-        engine = None
-        try:
-            engine = self._backend.load(path, options, lambda p: None)
-            while (item := self._calls.get()) is not None:
-                fn, reply = item
-                try:
-                    reply.put((True, fn(engine)))
-                except BaseException as exc:
-                    reply.put((False, exc))
-        except BaseException as exc:
-            while True:
-                item = self._calls.get()
-                if item is None:
-                    break
-                item[1].put((False, exc))
-        finally:
-            if engine is not None:
-                engine.close()
-            self._backend.release_thread()
-
-    def call(self, fn: Callable[[Engine], Any]) -> Any:
-        reply: queue.SimpleQueue = queue.SimpleQueue()
-        self._calls.put((fn, reply))
-        ok, value = reply.get(timeout=300)
-        if not ok:
-            raise value
-        return value
-
-    def close(self) -> None:
-        self._calls.put(None)
-        self._thread.join(60)
-
-
-def _run_all(engine: Engine, limit: int = 10_000) -> dict[int, list]:
-    events: dict[int, list] = {}
-    for _ in range(limit):
-        if not engine.busy:
-            return events
-        for event in engine.step():
-            events.setdefault(event.seq_id, []).append(event)
-    raise AssertionError(f"the engine was still busy after {limit} steps")
-
-
-def _tokens(events: list) -> list[int]:
-    return [e.token_id for e in events if isinstance(e, Token)]
-
-
-def _text(events: list) -> str:
-    """The content the kernel would build: every token's text, then what the end flushed."""
-    return "".join(e.text for e in events if isinstance(e, Token | SequenceEnd))
-
-
-def _generate(engine: Engine, prompts: list[list[int]], budget: int) -> list[tuple[list[int], list[int], str]]:
-    """Run every prompt at once, greedily: (prompt ids, generated ids, text) for each."""
-    for i, prompt in enumerate(prompts):
-        engine.add(i, prompt, GREEDY, budget)
-    events = _run_all(engine)
-    return [(prompt, _tokens(events[i]), _text(events[i])) for i, prompt in enumerate(prompts)]
-
-
-def _before_a_space(decode: Decode, runs: list[tuple[list[int], list[int], str]]) -> list[int] | None:
-    """A prompt's ids plus the generated ids before the first one whose text starts with a space."""
-    for prompt, generated, _ in runs:
-        shown = decode(prompt)
-        for j in range(len(generated)):
-            text = decode(prompt + generated[: j + 1])
-            if text.startswith(shown) and text[len(shown) : len(shown) + 1] == " ":
-                return prompt + generated[:j]
-            shown = text
-    return None
 
 
 def tokenizer_decode(path: str | Path) -> Decode:
@@ -324,48 +244,6 @@ class Conformance:
             f"the continuation after the generated tokens before a space must start with one: {runs[-1][2]!r}"
         )
 
-    def check_structured_output_follows_the_mask(self) -> None:
-        """A backend that lists ``"structured"`` applies the kernel's masks: a grammar's text, greedy
-        and sampled, ending with ``eos`` when the grammar is complete; an unconstrained sequence in
-        the same batch gives its solo tokens. (Nothing to check for a backend without the key.)"""
-        if "structured" not in self.backend.prediction_keys:
-            return
-        from ..kernel._structured import Grammars
-        from ..kernel.config import LlmStructuredPredictionSetting as Setting
-
-        words = ["cat", "dog", "bird"]
-        grammars = {
-            "gbnf": Setting(type="gbnf", gbnf_grammar='root ::= "yes" | "no"'),
-            "json": Setting(type="json", json_schema={"enum": words}),
-        }
-        runner = self._engine()
-        try:
-            def scenario(engine: Engine):
-                side = Grammars("conformance")
-                call = lambda doing, fn, *args: fn(*args)  # noqa: E731 - the worker's timed call, untimed
-                prompt = engine.tokenize("The cat sat on the")
-                engine.add(99, prompt, GREEDY, 12)
-                alone = _tokens(_run_all(engine)[99])
-                constraints, sampled = {}, Sampling(temperature=1.0)
-                for i, (name, sampling) in enumerate([(n, s) for n in grammars for s in (GREEDY, sampled)]):
-                    constraints[i] = (name, side.constraint(engine, grammars[name], call, frozenset()))
-                    engine.add(i, prompt, sampling, 12, constraint=constraints[i][1])
-                engine.add(98, prompt, GREEDY, 12)
-                events = _run_all(engine)
-                return alone, events, constraints
-
-            alone, events, constraints = runner.call(scenario)
-        finally:
-            runner.close()
-        beside = _tokens(events[98])
-        assert beside == alone, f"an unconstrained sequence beside constrained ones: {beside} != {alone}"
-        for i, (name, constraint) in constraints.items():
-            text, end = _text(events[i]).strip(), events[i][-1]
-            assert constraint.problem is None, f"{name} #{i}: {constraint.problem}"
-            assert isinstance(end, SequenceEnd) and end.reason == "eos", f"{name} #{i} did not end with eos: {end}"
-            allowed = {"yes", "no"} if name == "gbnf" else {f'"{w}"' for w in words}
-            assert text in allowed and constraint.complete, f"{name} #{i}: {text!r} is not one of {sorted(allowed)}"
-
     # ---- kernel level -------------------------------------------------------------------
 
     def check_kernel_requests_end_once(self) -> None:
@@ -405,3 +283,43 @@ class Conformance:
         assert isinstance(ends["cancel"], m.Finished) and ends["cancel"].stats.stop_reason == "userStopped"
         assert isinstance(ends["bad"], m.Failed) and ends["bad"].error.kind == "config", ends["bad"]
         assert isinstance(ends["long"], m.Failed) and ends["long"].error.kind == "prompt_too_long", ends["long"]
+
+    def check_structured_output_follows_the_mask(self) -> None:
+        """A backend that lists ``"structured"`` applies the kernel's masks: a grammar's text, greedy
+        and sampled, ending with ``eosFound`` when the grammar is complete; an unconstrained
+        prediction in the same batch gives its solo text. (Nothing to check without the key.)"""
+        if "structured" not in self.backend.prediction_keys:
+            return
+        from ..kernel import messages as m
+        from ..kernel import start_kernel
+
+        words = ["cat", "dog", "bird"]
+        settings = {"gbnf": {"type": "gbnf", "gbnfGrammar": 'root ::= "yes" | "no"'},
+                    "json": {"type": "json", "jsonSchema": {"enum": words}}}
+        allowed = {"gbnf": {"yes", "no"}, "json": {f'"{w}"' for w in words}}
+        with start_kernel([self.backend]) as kernel:
+            load = kernel.request(lambda i: m.Load(id=i, model=str(self.path)))
+            while not m.is_terminal(loaded := kernel.next_event(load, 120)):
+                pass
+            assert isinstance(loaded, m.Loaded), loaded
+            model = loaded.info.identifier
+
+            def predict(config: dict) -> int:
+                return kernel.request(lambda i: m.Predict(id=i, model=model, prompt="The cat sat on the", config=config))
+
+            def outcome(request_id: int) -> tuple[str, Any]:
+                text = ""
+                while not m.is_terminal(event := kernel.next_event(request_id, 120)):
+                    text += event.content if isinstance(event, m.Fragment) else ""
+                return text, event
+
+            alone = outcome(predict({"temperature": 0, "maxTokens": 12}))
+            ids = {(name, temperature): predict({"structured": setting, "temperature": temperature, "maxTokens": 12})
+                   for name, setting in settings.items() for temperature in (0, 1.0)}
+            beside = outcome(predict({"temperature": 0, "maxTokens": 12}))  # in the same batch
+            ends = {key: outcome(request_id) for key, request_id in ids.items()}
+        assert beside[0] == alone[0], f"an unconstrained prediction beside constrained ones: {beside[0]!r} != {alone[0]!r}"
+        for (name, temperature), (text, end) in ends.items():
+            assert isinstance(end, m.Finished), f"{name} at temperature {temperature}: {end}"
+            assert end.stats.stop_reason == "eosFound", f"{name} at temperature {temperature}: {end.stats.stop_reason}"
+            assert text.strip() in allowed[name], f"{name}: {text!r} is not one of {sorted(allowed[name])}"
