@@ -8,6 +8,8 @@ The fault backend (``tests/faults``) is the real MLX backend with faults on comm
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import lmkernel as lms
@@ -83,6 +85,29 @@ def test_a_setting_that_does_not_compile_is_the_requests_error_and_loses_nothing
     assert result.stats.stop_reason == "eosFound" and 0 <= result.parsed["n"] <= 9
 
 
+@pytest.mark.parametrize("schema", [{"$ref": "#"}, {"type": "string", "pattern": "^a{1000000}$"}])
+def test_a_grammar_that_gives_out_is_the_requests_error_and_nothing_it_did_not_allow_leaks(schema):
+    model = lms.llm(TINY)
+    stream = model.complete_stream("x", response_format=schema, config={"maxTokens": 10})
+    fragments = []
+    with pytest.raises(lms.LMKernelValueError, match="cannot be followed after 0 tokens: the schema or grammar "
+                                                     "is too complex or cannot be satisfied"):
+        for fragment in stream:
+            fragments.append(fragment.content)
+    assert fragments == []  # the token sampled once the grammar gave out never reaches the caller
+    healthy(TINY)
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"type": "xml"}, "its type must be 'none', 'json' or 'gbnf', got 'xml'"),
+    ({"type": "json", "jsonSchema": True}, "jsonSchema must be a JSON schema object (a dict), got True"),
+    ({"type": "gbnf", "gbnfGrammar": 5}, "gbnfGrammar must be GBNF text (a string), got 5"),
+])
+def test_a_malformed_structured_value_says_what_is_wrong(config, message):
+    with pytest.raises(lms.LMKernelConfigError, match=re.escape(message)):
+        lms.llm(TINY).complete("x", config={"structured": config})
+
+
 def test_a_backend_that_cannot_constrain_refuses_the_key_before_any_compute():
     class Plain(Backend):
         name = "plain"
@@ -138,6 +163,16 @@ def accepts(schema: dict, text: str) -> bool:
     setting = LlmStructuredPredictionSetting(type="json", json_schema=schema)
     matcher = llguidance.LLMatcher(tokenizer, grammar_for(setting), log_level=0)
     return all(matcher.consume_token(b) for b in text.encode()) and matcher.is_accepting()
+
+
+def test_composed_schemas_stay_open_where_they_compose():
+    both = {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                      {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
+    assert accepts(both, '{"a": 1, "b": 2}')
+    based = {"$defs": {"Base": {"type": "object", "properties": {"id": {"type": "integer"}}}},
+             "allOf": [{"$ref": "#/$defs/Base"}], "properties": {"name": {"type": "string"}}}
+    assert accepts(based, '{"id": 1, "name": "x"}')
+    assert not accepts({"type": "object", "properties": {"a": {"type": "integer"}}}, '{"a": 1, "b": 2}')
 
 
 def test_exclusive_bounds_exclude_their_value():

@@ -142,6 +142,8 @@ def test_cancelled_structured_output_is_not_parsed(tiny_model):
     ({"type": "json", "jsonSchema": "{}"}, None, lms.LMKernelConfigError,
      "Invalid prediction config value for 'structured'"),
     ({"type": "xml"}, None, lms.LMKernelValueError, "Invalid structured output setting"),
+    ({"type": "json", "jsonSchema": {}, "strict": True}, None, lms.LMKernelValueError,
+     "is a structured setting, whose keys are type, jsonSchema and gbnfGrammar; unknown key(s): strict"),
 ])
 def test_a_bad_response_format_raises_before_any_compute(tiny_model, response_format, config, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -117,21 +117,59 @@ def closed(schema: object) -> object:
     JSON Schema allows any other key by default, and a model then adds keys of its own (SmolLM2
     wrote a ``published_in`` into a pydantic ``Book``). llama.cpp's schema grammars, which LM
     Studio enforces, and OpenAI's strict mode both allow only the listed keys unless told.
+    Composition stays open: a schema with ``allOf`` (or ``anyOf``/``oneOf`` beside properties of
+    its own), its parts and the definitions they name, since each part lists only some of the
+    keys the whole allows (closing them would make ``{"a": 1, "b": 2}`` unsatisfiable).
     """
     if not isinstance(schema, dict):
         return schema
+    shared = set()  # the definitions a composition's part names: they stay open
+    _composed_refs(schema, shared)
+    return _close(schema, shared, open_=False, path="#")
+
+
+def _parts(schema: dict) -> list:
+    """The parts of a composition whose keys combine with ``schema``'s own (none if it composes nothing)."""
+    parts = list(schema.get("allOf") or []) if isinstance(schema.get("allOf"), list) else []
+    if isinstance(schema.get("properties"), dict):
+        for key in ("anyOf", "oneOf"):
+            if isinstance(schema.get(key), list):
+                parts += schema[key]
+    return parts
+
+
+def _composed_refs(schema: object, refs: set) -> None:
+    if isinstance(schema, dict):
+        for part in _parts(schema):
+            if isinstance(part, dict) and isinstance(part.get("$ref"), str):
+                refs.add(part["$ref"])
+        for value in schema.values():
+            _composed_refs(value, refs)
+    elif isinstance(schema, list):
+        for item in schema:
+            _composed_refs(item, refs)
+
+
+def _close(schema: object, shared: set, *, open_: bool, path: str) -> object:
+    if not isinstance(schema, dict):
+        return schema
     out = dict(schema)
+    composed = bool(_parts(schema))
+    parts = {id(part) for part in _parts(schema)}
     for key in _SUBSCHEMA:
         if isinstance(out.get(key), dict):
-            out[key] = closed(out[key])
+            out[key] = _close(out[key], shared, open_=False, path=f"{path}/{key}")
     for key in _SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [closed(item) for item in out[key]]
+            out[key] = [_close(item, shared, open_=id(item) in parts, path=f"{path}/{key}/{i}")
+                        for i, item in enumerate(out[key])]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: closed(sub) for name, sub in out[key].items()}
-    if (isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema
-            and "patternProperties" not in schema and "unevaluatedProperties" not in schema):
+            out[key] = {name: _close(sub, shared, open_=f"{path}/{key}/{name}" in shared, path=f"{path}/{key}/{name}")
+                        for name, sub in out[key].items()}
+    if (not open_ and not composed and isinstance(schema.get("properties"), dict)
+            and "additionalProperties" not in schema and "patternProperties" not in schema
+            and "unevaluatedProperties" not in schema):
         out["additionalProperties"] = False
     return out
 
@@ -232,8 +270,11 @@ class Grammars:
 class GrammarConstraint(TokenConstraint):
     """One sequence's grammar state (see the module docstring).
 
-    ``problem`` says why the sequence must fail (the engine sampled a token the mask did not
-    allow, or the grammar hit one of llguidance's limits); the worker checks it after each step.
+    ``problem`` says why the sequence must fail; the worker checks it after each step. An
+    :class:`~lmkernel.LMKernelValueError` is the request's: its grammar hit one of llguidance's
+    limits (too many items in a row, a lexer too large) or cannot be satisfied, though the engine
+    sampled only what the masks allowed. A :class:`PluginValueError` is the engine's: it sampled a
+    token its mask did not allow, or reported other tokens than it sampled.
     """
 
     def __init__(self, matcher, vocabulary: Vocabulary, stops: frozenset[int] = frozenset()) -> None:
@@ -247,7 +288,7 @@ class GrammarConstraint(TokenConstraint):
         self._tokens: list[int] = []  # the generated tokens the matcher consumed, in order
         self._engine_at = 0  # how many of them the engine passed as ``previous``
         self._kernel_at = 0  # how many of them the worker observed
-        self.problem: str | None = None
+        self.problem: LMKernelValueError | PluginValueError | None = None
 
     def allowed(self, previous: int | None) -> np.ndarray:
         if previous is not None and previous not in self._ends:  # MLX feeds its end token back one step ahead
@@ -255,7 +296,7 @@ class GrammarConstraint(TokenConstraint):
         if self.problem is None:
             self._matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
             if self._matcher.is_error():
-                self.problem = f"structured output failed: {self._matcher.get_error()[:500]}"
+                self.problem = self._grammar_failed()
         if self.problem is not None:
             self._mask.fill(-1)  # never an all-masked row (NaN); the worker fails the sequence after this step
         elif self._stops and self._mask[self._first_end >> 5] >> (self._first_end & 31) & 1:
@@ -281,12 +322,23 @@ class GrammarConstraint(TokenConstraint):
             return at + 1
         if at < len(self._tokens):
             if self._tokens[at] != token:
-                self.problem = (f"the engine reported token {token} as generated token {at + 1}, "
-                                f"but had sampled token {self._tokens[at]} there")
+                self.problem = PluginValueError(f"the engine reported token {token} as generated token {at + 1}, "
+                                                f"but had sampled token {self._tokens[at]} there")
         elif not self._matcher.consume_token(token):
-            self.problem = (f"the engine sampled token {token}, which the grammar does not allow there "
-                            f"(after {len(self._tokens)} tokens): {self._matcher.get_error()[:300]}")
+            # The mask it was sampled under is still this one: allowed there, the grammar itself gave out.
+            masked = 0 <= token < self.words * 32 and not (self._mask[token >> 5] >> (token & 31)) & 1
+            self.problem = PluginValueError(
+                f"the engine sampled token {token}, which the grammar does not allow there "
+                f"(after {len(self._tokens)} tokens)") if masked else self._grammar_failed()
         else:
             self._tokens.append(token)
         return at + 1
+
+    def _grammar_failed(self) -> LMKernelValueError:
+        """The request's error: its grammar cannot go on (llguidance's reason, without its parser state)."""
+        reason = self._matcher.get_error().split("<state>")[0].strip().splitlines()
+        reason = reason[0][:300] if reason else "no reason given"
+        return LMKernelValueError(
+            f"The structured output setting cannot be followed after {len(self._tokens)} tokens: the schema or "
+            f"grammar is too complex or cannot be satisfied ({reason})")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import LMKernelError, LMKernelPromptTooLongError
-from ..plugins.contract import Engine, Sampling, SequenceEnd, Token
+from ..plugins.contract import Engine, PromptProgress, Sampling, SequenceEnd, Token
 from ._boundary import PluginValueError, check_events, check_tokens
 from ._context import Budget, Window, fit, text_cannot_fit, text_too_long_message
 from ._structured import GrammarConstraint
@@ -136,12 +136,15 @@ class WorkerSequences:
         events = check_events(self._call("while predicting", engine.step), self._active)
         self._failures = 0
         failed = self._follow(engine, events)
-        if failed:
-            events = [e for e in events if not (isinstance(e, SequenceEnd) and e.seq_id in failed)]
+        if failed:  # what a failed sequence generated this step goes nowhere (a token its grammar forbids, say)
+            events = [e for e in events if isinstance(e, PromptProgress) or e.seq_id not in failed]
         if events:
             self._post(Stepped(events))
         for seq_id, (error, doing) in failed.items():
-            self._post(EngineFailed([seq_id], error, doing, replacing=False))
+            if isinstance(error, LMKernelError):  # the request's own (its grammar gave out)
+                self._post(Refused(seq_id, error))
+            else:
+                self._post(EngineFailed([seq_id], error, doing, replacing=False))
 
     def _follow(self: EngineWorker, engine: Engine, events: list) -> dict[int, tuple[BaseException, str]]:
         """Track the step's tokens; a window that filled up under a cutting policy goes on cut
@@ -181,7 +184,7 @@ class WorkerSequences:
                     failed[event.seq_id] = (exc.error, exc.doing)
         for seq_id, constraint in constrained:
             if constraint.problem is not None and seq_id not in failed:
-                failed[seq_id] = (PluginValueError(constraint.problem), "while constraining its output")
+                failed[seq_id] = (constraint.problem, "while constraining its output")
                 if self._active.pop(seq_id, None) is not None:
                     self._call("while removing a sequence", engine.remove, seq_id)
         return failed

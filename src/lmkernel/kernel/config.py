@@ -311,6 +311,13 @@ def _structured_value(value: Any) -> Any:
         if name in out:
             raise LMKernelConfigError(f"prediction config value for 'structured' gives {name!r} twice")
         out[name] = item
+    where = "Invalid prediction config value for 'structured'"
+    if out.get("type") not in ("none", "json", "gbnf"):
+        raise LMKernelConfigError(f"{where}: its type must be 'none', 'json' or 'gbnf', got {show(out.get('type'))}")
+    if out.get("jsonSchema") is not None and not isinstance(out["jsonSchema"], Mapping):
+        raise LMKernelConfigError(f"{where}: jsonSchema must be a JSON schema object (a dict), got {show(out['jsonSchema'])}")
+    if out.get("gbnfGrammar") is not None and not isinstance(out["gbnfGrammar"], str):
+        raise LMKernelConfigError(f"{where}: gbnfGrammar must be GBNF text (a string), got {show(out['gbnfGrammar'])}")
     return out
 
 

@@ -207,8 +207,13 @@ def structured_setting(response_format: Any) -> dict[str, Any]:
         raise LMKernelValueError(
             f"Failed to parse response format: expected a JSON schema dict, a model class or a structured "
             f"setting, got {show(response_format)}")
-    if response_format.get("type") in ("json", "gbnf", "none") and set(response_format) <= set(STRUCTURED_KEYS):
-        return response_format  # a setting (the config's check reads either spelling)
+    if response_format.get("type") in ("json", "gbnf", "none"):  # "json" is no JSON-schema type: a setting
+        unknown = sorted(map(str, set(response_format) - set(STRUCTURED_KEYS)))
+        if unknown:
+            raise LMKernelValueError(
+                f"response_format {{'type': {response_format['type']!r}, ...}} is a structured setting, whose keys "
+                f"are type, jsonSchema and gbnfGrammar; unknown key(s): {', '.join(unknown)}")
+        return response_format  # the config's check reads either spelling
     return {"type": "json", "jsonSchema": response_format}
 
 
