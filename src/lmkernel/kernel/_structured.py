@@ -312,11 +312,6 @@ class GrammarConstraint(TokenConstraint):
         """The sequence was added again (its window was cut): its next ``allowed`` has no ``previous``."""
         self._engine_at = self._kernel_at
 
-    @property
-    def complete(self) -> bool:
-        """Whether the generated text is a whole match of the grammar."""
-        return self.problem is None and self._matcher.is_accepting()
-
     def _advance(self, token: int, at: int) -> int:
         if self.problem is not None:
             return at + 1
