@@ -15,8 +15,7 @@ import pytest
 import lmkernel as lms
 
 from .serve_helpers import Server
-
-BACKENDS = ["llamacpp", "mlx"]
+from .test_chat import client, smol  # noqa: F401 - SmolLM2 on each backend, the chat tests' fixtures
 
 
 class Book(pydantic.BaseModel):
@@ -29,29 +28,13 @@ SENTENCE = "The Hobbit was written by J. R. R. Tolkien and published in 1937."
 COLOURS = {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 3, "maxItems": 3}
 
 
-@pytest.fixture(scope="module")
-def client():
-    lms.sync_api._reset_default_client()
-    with lms.Client() as client:
-        yield client
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def smol(request, client, smollm2_gguf):
-    model = client.llm.load_new_instance(str(smollm2_gguf), f"smol-structured-{request.param}",
-                                         config={"backend": request.param})
-    assert model.get_info().backend == request.param
-    yield model
-    model.unload()
-
-
 def book_chat() -> lms.Chat:
     chat = lms.Chat("Extract the book from the user's sentence as JSON.")
     chat.add_user_message(SENTENCE)
     return chat
 
 
-def test_a_pydantic_book_is_filled_from_a_sentence(smol):
+def test_a_pydantic_book_is_filled_from_a_sentence(smol):  # noqa: F811
     result = smol.respond(book_chat(), response_format=Book, config={"temperature": 0, "maxTokens": 100})
     assert result.stats.stop_reason == "eosFound" and result.structured
     book = Book.model_validate(result.parsed)
@@ -59,7 +42,7 @@ def test_a_pydantic_book_is_filled_from_a_sentence(smol):
     assert set(result.parsed) == {"title", "author", "year"}  # no keys of the model's own
 
 
-def test_without_the_grammar_the_model_does_not_answer_in_json(smol):
+def test_without_the_grammar_the_model_does_not_answer_in_json(smol):  # noqa: F811
     """What the constraint changes: unconstrained, the same request is not a Book."""
     result = smol.respond(book_chat(), config={"temperature": 0, "maxTokens": 100})
     try:
@@ -69,7 +52,7 @@ def test_without_the_grammar_the_model_does_not_answer_in_json(smol):
     pytest.fail(f"the unconstrained answer was already a Book: {result.content!r}")
 
 
-def test_constrained_and_plain_predictions_share_a_batch(smol):
+def test_constrained_and_plain_predictions_share_a_batch(smol):  # noqa: F811
     """Four constrained and four plain predictions at once: each gives exactly its solo answer."""
     prompts = ["A JSON list of three colours: ", "A JSON list of three fruits: ", "The capital of France is",
                "Once upon a time"]

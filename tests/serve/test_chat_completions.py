@@ -35,13 +35,6 @@ def server(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def oai(server):
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def germany(oai):
     """The whole greedy answer to GERMANY."""
     return oai.chat.completions.create(model=SMOL, messages=GERMANY, temperature=0)

@@ -12,7 +12,6 @@ import os
 import time
 
 import jsonschema
-import openai
 import pytest
 
 import lmkernel as lms
@@ -46,13 +45,6 @@ def server(smollm2_gguf):
         client.llm.load_new_instance(TINY, ONE_SLOT, config={"maxConcurrentPredictions": 1})
     yield s
     assert s.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    yield client
-    client.close()
 
 
 def is_city(text: str) -> dict:

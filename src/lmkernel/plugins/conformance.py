@@ -246,15 +246,22 @@ class Conformance:
 
     # ---- kernel level -------------------------------------------------------------------
 
+    def _load(self, kernel):
+        """Load the model in a private kernel; its ``Loaded`` event."""
+        from ..kernel import messages as m
+
+        load = kernel.request(lambda i: m.Load(id=i, model=str(self.path)))
+        while not m.is_terminal(loaded := kernel.next_event(load, 120)):
+            pass
+        assert isinstance(loaded, m.Loaded), loaded
+        return loaded
+
     def check_kernel_requests_end_once(self) -> None:
         from ..kernel import messages as m
         from ..kernel import start_kernel
 
         with start_kernel([self.backend]) as kernel:
-            load = kernel.request(lambda i: m.Load(id=i, model=str(self.path)))
-            while not m.is_terminal(loaded := kernel.next_event(load, 120)):
-                pass
-            assert isinstance(loaded, m.Loaded), loaded
+            loaded = self._load(kernel)
             model = loaded.info.identifier
             requests = {
                 "ok": {"maxTokens": 5, "temperature": 0},
@@ -298,10 +305,7 @@ class Conformance:
                     "json": {"type": "json", "jsonSchema": {"enum": words}}}
         allowed = {"gbnf": {"yes", "no"}, "json": {f'"{w}"' for w in words}}
         with start_kernel([self.backend]) as kernel:
-            load = kernel.request(lambda i: m.Load(id=i, model=str(self.path)))
-            while not m.is_terminal(loaded := kernel.next_event(load, 120)):
-                pass
-            assert isinstance(loaded, m.Loaded), loaded
+            loaded = self._load(kernel)
             model = loaded.info.identifier
 
             def predict(config: dict) -> int:
