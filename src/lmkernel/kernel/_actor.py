@@ -25,9 +25,11 @@ import msgspec
 import trio
 
 from ..plugins.contract import Backend, LoadOptions
+from ..plugins.contract_async import AsyncBackend
 from . import _worker as w
 from ._actor_predictions import ActorPredictions, _Running
 from ._admission import WaitingRoom
+from ._async_worker import AsyncEngineWorker
 from ._context import (
     too_long_message,
 )
@@ -125,7 +127,8 @@ class ModelActor(ActorPredictions):
             max_batch=self.max_concurrent,
             extra={k: v for k, v in self.load_config.to_dict().items() if k in self.backend.load_keys},
         )
-        self._worker = w.EngineWorker(self.backend, self.path, options, self._post, self.info.identifier)
+        worker = AsyncEngineWorker if isinstance(self.backend, AsyncBackend) else w.EngineWorker
+        self._worker = worker(self.backend, self.path, options, self._post, self.info.identifier)
         self._engine_timeout = engine_timeout()
         self._load_timeout = load_timeout()
 
@@ -177,26 +180,34 @@ class ModelActor(ActorPredictions):
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until the model is unloaded and its worker thread has ended (or was abandoned)."""
-        HANG_WATCH.watch(self._worker, self._limit, self._on_hang)
         try:
-            self._worker.start()
-            task_status.started()
-            while self.state != "gone":
-                with trio.move_on_at(self._idle_deadline()) as scope:
-                    item = await self._receive.receive()
-                if scope.cancelled_caught:
-                    log.info("unloading %s: idle for %s s (ttl)", self.info.identifier, self.ttl)
-                    self.unload()
-                    continue
-                try:
-                    self._dispatch(item)
-                except Exception as exc:  # a bug: the request that triggered it fails, alone
-                    log.exception("model actor %s failed handling %s", self.info.identifier, type(item).__name__)
-                    if (owner := mail_owner(item)) is not None:
-                        owner[0].send(Failed(id=owner[1], error=self._kernel_error(exc, type(item).__name__)))
+            async with trio.open_nursery() as nursery:  # an asynchronous engine's tasks
+                if isinstance(self._worker, AsyncEngineWorker):
+                    self._worker.start(nursery)
+                else:
+                    HANG_WATCH.watch(self._worker, self._limit, self._on_hang)
+                    self._worker.start()
+                task_status.started()
+                await self._mailbox()
         finally:
             HANG_WATCH.unwatch(self._worker)
             self.on_gone(self)
+
+    async def _mailbox(self) -> None:
+        """Take requests until the model is gone."""
+        while self.state != "gone":
+            with trio.move_on_at(self._idle_deadline()) as scope:
+                item = await self._receive.receive()
+            if scope.cancelled_caught:
+                log.info("unloading %s: idle for %s s (ttl)", self.info.identifier, self.ttl)
+                self.unload()
+                continue
+            try:
+                self._dispatch(item)
+            except Exception as exc:  # a bug: the request that triggered it fails, alone
+                log.exception("model actor %s failed handling %s", self.info.identifier, type(item).__name__)
+                if (owner := mail_owner(item)) is not None:
+                    owner[0].send(Failed(id=owner[1], error=self._kernel_error(exc, type(item).__name__)))
 
     def _idle_deadline(self) -> float:
         if self.ttl is None or self.state != "ready" or self._runs or self._tokenize:

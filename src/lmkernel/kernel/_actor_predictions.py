@@ -110,6 +110,12 @@ class ActorPredictions:
             if run.token(event.text):
                 self._worker.send(w.RemoveSequence(event.seq_id))
                 self._forget(event.seq_id)
+        elif isinstance(event, w.Pieces):  # an asynchronous engine's text, with its token count
+            if run.token(event.text, event.tokens):
+                self._worker.send(w.RemoveSequence(event.seq_id))
+                self._forget(event.seq_id)
+        elif isinstance(event, w.Counted):
+            run.counted(event.prompt_tokens, event.generated_tokens, event.cached_tokens)
         elif isinstance(event, PromptProgress):
             run.progress(event.processed, event.total, event.cached)
         elif isinstance(event, SequenceEnd):

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LMKernelModelNotFoundError, LMKernelValueError
-from ..plugins.contract import Backend, ModelDescription, ModelRejected
+from ..plugins.contract import Backend, ModelDescription, ModelRejected, OfferedModel
 from ._boundary import check_description
 from ._describer import DESCRIBE_TIMEOUT, DescribeHung, Describer, text_of
 from ._folders import (
@@ -106,6 +106,20 @@ def _reasons(rejections: Mapping[str, str]) -> str:
     for name, reason in rejections.items():
         by_reason.setdefault(reason, []).append(name)
     return "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+
+
+def offered_problem(model: object) -> str | None:
+    """What is wrong with a value a plugin's ``offered_models()`` returned, or ``None``."""
+    if not isinstance(model, OfferedModel):
+        return f"offered_models() must return OfferedModel values, got {type(model).__name__}: {show(model)}"
+    path = model.path
+    if not isinstance(path, str) or not path or len(path) > 500:
+        return f"an offered model's path must be a non-empty string of at most 500 characters, got {show(path)}"
+    if (problem := unicode_problem(path)) is not None or "\0" in path:
+        return f"an offered model's path must be valid Unicode text without NUL, got {show(path)} ({problem or 'NUL'})"
+    if is_explicit_path(path) or path in (BUILTIN_DEMO, BUILTIN_TINY):
+        return f"an offered model's path must not look like a folder path or name a built-in model, got {show(path)}"
+    return None
 
 
 class Catalog:
@@ -208,6 +222,44 @@ class Catalog:
                 paths.add(relative)
                 folders.add(real)
                 found.append(CatalogEntry(key, folder, descriptions, relative, rejections))
+        found.extend(self._offered(keys, paths))
+        return found
+
+    def _offered(self, keys: set[str], paths: set[str]) -> list[CatalogEntry]:
+        """The models backends offer besides folders (:meth:`~lmkernel.plugins.Backend.offered_models`),
+        keyed by their paths; a path already listed keeps its first model."""
+        found: list[CatalogEntry] = []
+        timeout = DESCRIBE_TIMEOUT if self._timeout is None else self._timeout
+        for backend in self._backends:
+            if type(backend).offered_models is Backend.offered_models:
+                continue  # offers nothing: no thread, no wait
+            name = getattr(backend, "name", type(backend).__name__)
+            try:
+                with self._lock:
+                    describer = self._describers.get(id(backend))
+                    if describer is None:
+                        describer = self._describers[id(backend)] = Describer(backend)
+                offered = describer.offered(timeout) if timeout > 0 else backend.offered_models()
+                offered = list(offered)
+            except Exception as exc:  # noqa: BLE001 - a plugin's listing must not break the others
+                self._warn_once(name, f"Backend {name!r} could not list the models it offers: "
+                                      f"{type(exc).__name__}: {text_of(exc)}")
+                continue
+            for model in offered:
+                problem = offered_problem(model)
+                if problem is None:
+                    try:
+                        description = check_description(name, model.description)
+                    except LMKernelValueError as exc:
+                        problem = text_of(exc)
+                if problem is not None:
+                    self._warn_once(name, f"Backend {name!r} offered a model the kernel skips: {problem}")
+                    continue
+                if model.path in paths:
+                    continue
+                keys.add(model.path)
+                paths.add(model.path)
+                found.append(CatalogEntry(model.path, Path(model.path), {name: description}, model.path))
         return found
 
     def lookup(self, key: str) -> CatalogEntry:

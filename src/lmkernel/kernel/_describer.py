@@ -1,4 +1,4 @@
-"""Plugin ``describe()`` calls bounded in time: one helper thread per backend.
+"""Plugin ``describe()`` and ``offered_models()`` calls bounded in time: one helper thread per backend.
 
 A backend whose ``describe()`` hangs must not hang the listing of models: each call runs on
 its backend's daemon thread, and the caller stops waiting after the timeout.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +43,25 @@ class Describer:
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
-        self._jobs: queue.SimpleQueue[tuple[Path, list[Any], threading.Event]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], list[Any], threading.Event]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._running = False
         self._hung = False
 
     def call(self, path: Path, timeout: float) -> Any:
+        return self._call(lambda: self._backend.describe(path), "describe()", timeout)
+
+    def offered(self, timeout: float) -> Any:
+        """``offered_models()``, bounded like :meth:`call`."""
+        return self._call(self._backend.offered_models, "offered_models()", timeout)
+
+    def _call(self, fn: Callable[[], Any], what: str, timeout: float) -> Any:
         if self._hung:
-            raise DescribeHung("an earlier describe() call has not returned yet")
+            raise DescribeHung(f"an earlier plugin call has not returned yet (before {what})")
         answer: list[Any] = []
         done = threading.Event()
         with self._lock:
-            self._jobs.put((path, answer, done))
+            self._jobs.put((fn, answer, done))
             if not self._running:
                 self._running = True
                 name = f"lmkernel-describe-{getattr(self._backend, 'name', '?')}"
@@ -62,18 +70,18 @@ class Describer:
             with self._lock:  # the call may have ended meanwhile: then it is not hung
                 if not done.is_set():
                     self._hung = True
-                    raise DescribeHung(f"describe() did not answer within {timeout:g} s")
+                    raise DescribeHung(f"{what} did not answer within {timeout:g} s")
         ok, value = answer[0]
         if ok:
             return value
         if isinstance(value, Exception):
             raise value
-        raise RuntimeError(f"describe() raised {type(value).__name__}: {text_of(value)}")
+        raise RuntimeError(f"{what} raised {type(value).__name__}: {text_of(value)}")
 
     def _serve(self) -> None:
         while True:
             try:
-                path, answer, done = self._jobs.get(timeout=self.IDLE)
+                fn, answer, done = self._jobs.get(timeout=self.IDLE)
             except queue.Empty:
                 with self._lock:
                     if self._jobs.empty():
@@ -81,7 +89,7 @@ class Describer:
                         return
                 continue
             try:
-                answer.append((True, self._backend.describe(path)))
+                answer.append((True, fn()))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 answer.append((False, exc))
             finally:

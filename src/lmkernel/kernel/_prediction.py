@@ -125,9 +125,10 @@ class PredictionRun:
         value = self.config.max_tokens
         return None if value is None or value is False or value == -1 else int(value)
 
-    def admitted(self, prompt_tokens: int, budget_reason: StopReason) -> None:
-        """The worker queued the sequence: ``prompt_tokens`` as tokenized (before any cut);
-        ``budget_reason`` is the stop reason when its token budget is spent."""
+    def admitted(self, prompt_tokens: int | None, budget_reason: StopReason) -> None:
+        """The worker queued the sequence: ``prompt_tokens`` as tokenized (before any cut; ``None``
+        when the engine counts them itself); ``budget_reason`` is the stop reason when its token
+        budget is spent."""
         self.prompt_tokens = prompt_tokens
         self.budget_reason = budget_reason
 
@@ -156,15 +157,26 @@ class PredictionRun:
             self._progress = fraction
             self._emit(PromptProgress(id=self.id, progress=fraction))
 
-    def token(self, text: str) -> bool:
-        """A generated token; return True when the prediction ended (stop string, budget)."""
+    def counted(self, prompt: int | None, generated: int | None, cached: int | None) -> None:
+        """The counts an engine without the kernel's tokenizer reported (a server's usage): each
+        one given replaces the kernel's own."""
+        if prompt is not None:
+            self.prompt_tokens = prompt
+        if generated is not None:
+            self.generated = generated
+        if cached is not None:
+            self.cached_tokens = cached
+
+    def token(self, text: str, tokens: int = 1) -> bool:
+        """A generated token (``tokens`` of them, from an engine that sends text in pieces);
+        return True when the prediction ended (a stop string)."""
         now = self._clock()
         if self.first_token_at is None:
             self.first_token_at = now
             self._send_progress(1.0)
         self.last_token_at = now
-        self.generated += 1
-        self._unsent_tokens += 1
+        self.generated += tokens
+        self._unsent_tokens += tokens
         self._send_text(self._stops.feed(text))
         if self._stops.stopped:
             self.finish("stopStringFound")

@@ -19,11 +19,13 @@ __all__ = [
     "ChatPrompt",
     "Command",
     "Continued",
+    "Counted",
     "EngineFailed",
     "Exited",
     "LoadDone",
     "LoadFailed",
     "LoadProgress",
+    "Pieces",
     "Refused",
     "Rejected",
     "Reloaded",
@@ -103,10 +105,11 @@ class LoadFailed:
 
 @dataclass(frozen=True)
 class Admitted:
-    """The engine took the sequence: ``prompt_tokens`` as tokenized, ``dropped`` of them cut."""
+    """The engine took the sequence: ``prompt_tokens`` as tokenized (``None``: an engine without a
+    tokenizer, which reports the count when it finishes), ``dropped`` of them cut."""
 
     seq_id: int
-    prompt_tokens: int
+    prompt_tokens: int | None
     budget: Budget
     dropped: int = 0
 
@@ -142,9 +145,29 @@ class Continued:
     dropped: int
 
 
+@dataclass(slots=True)
+class Pieces:
+    """A step event of an asynchronous engine's worker: generated ``text`` holding ``tokens`` tokens."""
+
+    seq_id: int
+    text: str
+    tokens: int
+
+
+@dataclass(slots=True)
+class Counted:
+    """A step event of an asynchronous engine's worker: the counts the engine reported at the
+    end (a server's usage), each ``None`` when not known; they replace the kernel's own."""
+
+    seq_id: int
+    prompt_tokens: int | None
+    generated_tokens: int | None
+    cached_tokens: int | None
+
+
 @dataclass(frozen=True)
 class Stepped:
-    events: list[StepEvent | Continued]
+    events: list[StepEvent | Continued | Pieces | Counted]
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ StopReason = Literal[
     "contextLengthReached",
 ]
 
-ModelFormat = Literal["gguf", "safetensors", "onnx", "ggml", "mlx_placeholder", "torch_safetensors", "exl2"]
+ModelFormat = Literal["gguf", "safetensors", "onnx", "ggml", "mlx_placeholder", "torch_safetensors", "exl2", "remote"]
 
 
 class LlmPredictionStats(PublicStruct):

@@ -7,6 +7,7 @@ from .contract import (
     LoadOptions,
     ModelDescription,
     ModelRejected,
+    OfferedModel,
     PromptProgress,
     Sampling,
     SequenceEnd,
@@ -16,10 +17,19 @@ from .contract import (
     Vocabulary,
     read_config,
 )
+from .contract_async import AsyncBackend, AsyncEngine, Finish, Generation, GenerationEvent, Prefill, Text
 from .discovery import ENTRY_POINT_GROUP, BackendStatus, Discovery, discover
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "AsyncBackend",
+    "AsyncEngine",
+    "Finish",
+    "Generation",
+    "GenerationEvent",
+    "OfferedModel",
+    "Prefill",
+    "Text",
     "Availability",
     "Backend",
     "BackendStatus",

@@ -44,6 +44,7 @@ __all__ = [
     "LoadOptions",
     "ModelDescription",
     "ModelRejected",
+    "OfferedModel",
     "PromptProgress",
     "Sampling",
     "SequenceEnd",
@@ -82,6 +83,18 @@ class ModelDescription:
     display_name: str | None = None
     #: How the weights are quantized, as their format names it (a GGUF file's type: ``"Q4_K_M"``).
     quantization: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OfferedModel:
+    """A model a backend offers that is not a folder on disk (a model on a server).
+
+    ``path`` is the name it is listed and loaded under (``remote/<server>/<model id>``): its
+    ``LlmInfo.path`` and model key, and what :meth:`Backend.load` is given (as a ``Path``).
+    """
+
+    path: str
+    description: ModelDescription
 
 
 class ModelRejected(Exception):
@@ -335,6 +348,14 @@ class Backend(ABC):
         self, path: Path, options: LoadOptions, on_progress: Callable[[float], None]
     ) -> Engine:
         """Load the model (on its worker thread), reporting progress from 0.0 to 1.0."""
+
+    def offered_models(self) -> Sequence[OfferedModel]:
+        """Models this backend offers besides folders on disk (the default: none).
+
+        Called on a kernel thread each time the models are listed, so answer quickly (cache,
+        bound any network call). A failure or a hang loses only these models from the listing.
+        """
+        return ()
 
     def release_thread(self) -> None:  # noqa: B027 - optional hook
         """Release per-thread engine state; called last on every worker thread."""

@@ -1,0 +1,185 @@
+"""The remote backend: models served by OpenAI-compatible servers, behind the same API.
+
+vLLM, TGI, llama.cpp's server, ``mlx_lm.server``, Ollama, LM Studio, another ``lmkernel
+serve``: any server with ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``
+(streamed). The user names the servers in a small TOML file (:mod:`._config`; the
+environment variable ``LMKERNEL_REMOTE`` points to it); their models are listed as
+``remote/<server>/<model id>`` and load like any other model. The engine is asynchronous
+(:class:`~lmkernel.plugins.AsyncEngine`): each prediction is one streamed HTTP request on the
+kernel's loop, cancelled by closing it. The kernel applies stop strings, ``maxTokens`` and the
+stats as for local engines; token counts come from the server's ``usage``. ``docs/scale-out.md``
+says how to grow from one process to a cluster with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ...errors import LMKernelModelNotFoundError
+from ...plugins.contract import Availability, LoadOptions, ModelDescription, ModelRejected, OfferedModel
+from ...plugins.contract_async import AsyncBackend, AsyncEngine
+from ._config import RemoteConfigError, Server, config_path, load_servers
+from ._engine import Pool, RemoteEngine, RemoteError
+from ._http import error_message
+
+__all__ = ["PREFIX", "RemoteBackend", "backend"]
+
+log = logging.getLogger("lmkernel.remote")
+
+#: Every remote model's path (and key) starts with it: ``remote/<server>/<model id>``.
+PREFIX = "remote/"
+#: The context length of a model whose server does not report one and whose config gives none.
+UNKNOWN_CONTEXT = 131072
+#: Seconds a server's model list is reused before it is asked again.
+LIST_TTL = 5.0
+
+
+def context_of(entry: object) -> int | None:
+    """The context length a ``/v1/models`` entry reports (vLLM, llama.cpp's server, LM Studio, OpenRouter)."""
+    if not isinstance(entry, dict):
+        return None
+    meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+    for value in (entry.get("max_model_len"), entry.get("context_length"), entry.get("max_context_length"),
+                  meta.get("n_ctx"), meta.get("n_ctx_train")):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def model_entries(answer: object) -> dict[str, dict]:
+    """``/v1/models``'s answer as ``{id: entry}`` (entries without a string id are skipped)."""
+    data = answer.get("data") if isinstance(answer, dict) else None
+    out: dict[str, dict] = {}
+    for entry in data if isinstance(data, list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
+            out.setdefault(entry["id"], entry)
+    return out
+
+
+def _path(server: Server, model_id: str) -> str:
+    """The path a server's model is listed under: ``remote/<server>/<model id>`` (an id such as
+    mlx_lm.server's absolute folder path loses its leading and doubled slashes)."""
+    return Path(f"{PREFIX}{server.name}/{model_id.lstrip('/')}").as_posix()
+
+
+class RemoteBackend(AsyncBackend):
+    """Models on the servers ``LMKERNEL_REMOTE`` names."""
+
+    name = "remote"
+    prediction_keys = frozenset({"temperature", "topKSampling", "topPSampling", "minPSampling", "repeatPenalty"})
+    load_keys = frozenset()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._read: tuple[Path, float, list[Server]] | None = None
+        self._listed: dict[str, tuple[float, dict[str, dict]]] = {}  # server name -> (when, models)
+
+    # ---- configuration ------------------------------------------------------------------
+
+    def servers(self) -> list[Server]:
+        """The configured servers (the file is read again when it changes); raise :class:`RemoteConfigError`."""
+        path = config_path()
+        if path is None:
+            return []
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = -1.0
+        with self._lock:
+            if self._read is not None and self._read[:2] == (path, mtime):
+                return self._read[2]
+        servers = load_servers(path)
+        with self._lock:
+            self._read = (path, mtime, servers)
+        return servers
+
+    def availability(self) -> Availability:
+        try:
+            servers = self.servers()
+        except RemoteConfigError as exc:
+            return Availability(False, str(exc))
+        if not servers:
+            return Availability(False, "no remote servers configured (set LMKERNEL_REMOTE to a TOML file naming "
+                                       "them; see docs/scale-out.md)")
+        return Availability(True, notes=f"{len(servers)} server(s): {', '.join(s.name for s in servers)}")
+
+    def describe(self, path: Path) -> ModelDescription | None:
+        raise ModelRejected("serves models on OpenAI-compatible servers, not folders (see LMKERNEL_REMOTE)")
+
+    # ---- listing ------------------------------------------------------------------------
+
+    def _list(self, server: Server) -> dict[str, dict]:
+        """What ``/v1/models`` of the server's first answering replica lists (cached :data:`LIST_TTL` s)."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._listed.get(server.name)
+        if cached is not None and now - cached[0] < LIST_TTL:
+            return cached[1]
+        listed: dict[str, dict] = {}
+        problems = []
+        for url in server.urls:
+            request = urllib.request.Request(url.text + "/models", headers=server.headers)
+            try:
+                with urllib.request.urlopen(request, timeout=min(2.0, server.timeout)) as answer:  # noqa: S310
+                    listed = model_entries(json.loads(answer.read(16 * 1024 * 1024)))
+                break
+            except urllib.error.HTTPError as exc:
+                problems.append(f"{url.text}: HTTP {exc.code}: {error_message(exc.read(65536))}")
+            except (OSError, ValueError) as exc:
+                problems.append(f"{url.text}: {getattr(exc, 'reason', exc)}")
+        else:
+            log.warning("remote server %s lists no models: %s", server.name, "; ".join(problems))
+        with self._lock:
+            self._listed[server.name] = (now, listed)
+        return listed
+
+    def offered_models(self) -> Sequence[OfferedModel]:
+        offered = []
+        for server in self.servers():
+            listed = self._list(server) if server.models is None or server.context_length is None else {}
+            for model_id in server.models if server.models is not None else listed:
+                context = server.context_length or context_of(listed.get(model_id)) or UNKNOWN_CONTEXT
+                offered.append(OfferedModel(path=_path(server, model_id), description=ModelDescription(
+                    architecture=None, format="remote", max_context_length=context, size_bytes=0,
+                    display_name=model_id)))
+        return offered
+
+    # ---- loading ------------------------------------------------------------------------
+
+    def _named(self, path: Path) -> tuple[Server, str]:
+        """The server and the model id (as the server spells it) that a listed path names."""
+        text = path.as_posix()
+        name, _, rest = text.removeprefix(PREFIX).partition("/")
+        server = next((s for s in self.servers() if s.name == name), None) if text.startswith(PREFIX) else None
+        if server is None or not rest:
+            raise LMKernelModelNotFoundError(f"{text!r} names no configured remote server's model "
+                                             f"(expected {PREFIX}<server>/<model id>)")
+        ids = server.models if server.models is not None else tuple(self._list(server))
+        return server, next((i for i in ids if _path(server, i) == text), rest)
+
+    async def load_async(self, path: Path, options: LoadOptions, on_progress: Callable[[float], None]) -> AsyncEngine:
+        server, model_id = self._named(path)
+        pool = Pool(server)
+        answers = await pool.check_all()
+        listed = next((model_entries(a) for a in answers if a is not None), None)
+        if listed is None:
+            raise RemoteError(f"no replica of the server {server.name} answers: " + "; ".join(
+                f"{r.url.text}: {r.problem}" for r in pool.replicas))
+        if server.models is None and model_id not in listed:
+            raise LMKernelModelNotFoundError(
+                f"the server {server.name} does not serve {model_id!r} (it lists: {', '.join(listed) or 'nothing'})")
+        context = options.context_length or server.context_length or context_of(listed.get(model_id)) or UNKNOWN_CONTEXT
+        engine = RemoteEngine(pool, model_id, context)
+        engine.start_watch()
+        on_progress(1.0)
+        return engine
+
+
+backend = RemoteBackend()

@@ -1,0 +1,264 @@
+"""A model on OpenAI-compatible servers: streaming, load balancing, failover, errors named.
+
+One :class:`RemoteEngine` per loaded model. Its :class:`Pool` holds the replicas (the base
+URLs of one configured server) and picks, for each request, the healthy one with the fewest
+requests outstanding (ties in turn). A replica that cannot be reached, or answers 5xx or 429
+before the first token, is left for the next one; one that cannot be reached is marked down
+until a health check (``GET /models``, every ``health_interval`` seconds) finds it again. After
+the first token nothing is retried (the text already went out): the request fails, naming the
+server and how many tokens it had sent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import trio
+
+from ...errors import LMKernelModelNotFoundError, LMKernelPromptTooLongError, LMKernelValueError
+from ...plugins.contract_async import AsyncEngine, Finish, Generation, GenerationEvent, Text
+from ._config import Server
+from ._http import Response, Unreachable, Url, error_message, open_request, sse_events
+
+log = logging.getLogger("lmkernel.remote")
+
+__all__ = ["Pool", "RemoteEngine", "RemoteError", "Replica"]
+
+
+class RemoteError(RuntimeError):
+    """A server failed a request (unreachable, an error status, a stream cut short): the message names it."""
+
+
+@dataclass(eq=False)
+class Replica:
+    """One base URL of a server, with what the pool knows of it."""
+
+    url: Url
+    outstanding: int = 0  # requests in flight now
+    started: int = 0  # requests sent here, ever
+    healthy: bool = True
+    problem: str = ""
+
+
+class Pool:
+    """The replicas of one server: least outstanding requests first, down ones last."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.replicas = [Replica(url) for url in server.urls]
+        self._turn = itertools.count()
+
+    def pick(self, tried: set[Replica]) -> Replica | None:
+        """The replica for the next attempt, never one in ``tried``; ``None`` when all were tried."""
+        left = [r for r in self.replicas if r not in tried]
+        if not left:
+            return None
+        healthy = [r for r in left if r.healthy] or left  # all marked down: try them anyway, they may be back
+        fewest = min(r.outstanding for r in healthy)
+        ties = [r for r in healthy if r.outstanding == fewest]
+        return ties[next(self._turn) % len(ties)]
+
+    def down(self, replica: Replica, problem: str) -> None:
+        if replica.healthy:
+            log.warning("remote server %s (%s) is down: %s", self.server.name, replica.url.text, problem)
+        replica.healthy = False
+        replica.problem = problem
+
+    async def probe(self, replica: Replica) -> object | None:
+        """``GET /models`` on ``replica``: its answer (and it is healthy), or ``None`` (and it is down)."""
+        try:
+            with trio.fail_after(min(self.server.timeout, 5.0)):
+                response = await open_request(replica.url, "GET", "/models", headers=self.server.headers,
+                                              timeout=self.server.timeout)
+                try:
+                    if response.status != 200:
+                        raise Unreachable(f"GET /models answered HTTP {response.status}: "
+                                          f"{error_message(await response.read())}")
+                    answer = await response.json()
+                finally:
+                    await response.aclose()
+        except (Unreachable, trio.TooSlowError) as exc:
+            self.down(replica, str(exc) or "no answer to GET /models in time")
+            return None
+        if not replica.healthy:
+            log.warning("remote server %s (%s) is back", self.server.name, replica.url.text)
+        replica.healthy = True
+        replica.problem = ""
+        return answer
+
+    async def check_all(self) -> list[object | None]:
+        answers: list[object | None] = [None] * len(self.replicas)
+
+        async def one(i: int) -> None:
+            answers[i] = await self.probe(self.replicas[i])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(self.replicas)):
+                nursery.start_soon(one, i)
+        return answers
+
+    async def watch(self) -> None:
+        """Health checks forever (a system task; cancelled when the model unloads)."""
+        while True:
+            await trio.sleep(self.server.health_interval)
+            try:
+                await self.check_all()
+            except Exception:  # never end the watch: the next round tries again
+                log.exception("health check of remote server %s failed", self.server.name)
+
+
+def _finish_reason(value: object) -> str:
+    return "length" if value == "length" else "eos"
+
+
+class RemoteEngine(AsyncEngine):
+    """One model of one configured server (its replicas in a :class:`Pool`)."""
+
+    chat = True
+
+    def __init__(self, pool: Pool, model_id: str, context_length: int, max_tokens: int | None = None) -> None:
+        self.pool = pool
+        self.model_id = model_id
+        self.context_length = context_length
+        self._default_max_tokens = max_tokens
+        self._watch = trio.CancelScope()
+
+    def start_watch(self) -> None:
+        async def watch() -> None:
+            with self._watch:
+                await self.pool.watch()
+
+        trio.lowlevel.spawn_system_task(watch, name=f"lmkernel-remote-health-{self.pool.server.name}")
+
+    async def aclose(self) -> None:
+        self._watch.cancel()
+
+    async def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError(
+            f"model {self.model_id!r} is tokenized by its server ({self.pool.server.name}); the OpenAI API has no "
+            "endpoint for it")
+
+    def _body(self, request: Generation) -> dict:
+        s = request.sampling
+        body: dict = {"model": self.model_id, "stream": True, "stream_options": {"include_usage": True},
+                      "temperature": s.temperature, "top_p": s.top_p}
+        max_tokens = request.max_tokens if request.max_tokens is not None else self._default_max_tokens
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if self.pool.server.sampling == "extended":  # what vLLM, llama.cpp, mlx_lm and Ollama also take
+            if s.top_k > 0:
+                body["top_k"] = s.top_k
+            body["min_p"] = s.min_p
+            if s.repeat_penalty != 1.0:
+                body["repeat_penalty"] = body["repetition_penalty"] = s.repeat_penalty
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.messages is not None:
+            body["messages"] = list(request.messages)
+        else:
+            body["prompt"] = request.prompt
+        return body
+
+    def _refusal(self, replica: Replica, status: int, message: str) -> Exception:
+        """The error for an answer that is not worth another replica: the request itself is wrong."""
+        where = f"the server {self.pool.server.name} ({replica.url.text})"
+        lowered = message.lower()
+        if status in (400, 413, 422) and "context" in lowered and any(
+                word in lowered for word in ("length", "long", "exceed", "too many", "maximum")):
+            return LMKernelPromptTooLongError(
+                f"The prompt does not fit model {self.model_id!r} on {where}, which counted it: {message}")
+        if status == 404:
+            return LMKernelModelNotFoundError(f"{where} does not serve model {self.model_id!r}: HTTP 404: {message}")
+        if status in (400, 413, 422):
+            return LMKernelValueError(f"{where} refused the request for model {self.model_id!r}: HTTP {status}: "
+                                      f"{message}")
+        return RemoteError(f"{where} answered HTTP {status}: {message}")
+
+    async def generate(self, request: Generation) -> AsyncIterator[GenerationEvent]:
+        body = self._body(request)
+        endpoint = "/chat/completions" if request.messages is not None else "/completions"
+        server = self.pool.server
+        tried: set[Replica] = set()
+        problems: list[str] = []
+        while (replica := self.pool.pick(tried)) is not None:
+            tried.add(replica)
+            replica.outstanding += 1
+            replica.started += 1
+            sent = 0
+            try:
+                try:
+                    response = await open_request(replica.url, "POST", endpoint, body=body, headers=server.headers,
+                                                  timeout=server.timeout)
+                except Unreachable as exc:
+                    self.pool.down(replica, str(exc))
+                    problems.append(f"{replica.url.text}: {exc}")
+                    continue
+                try:
+                    if response.status != 200:
+                        message = error_message(await response.read())
+                        if response.status >= 500 or response.status == 429:  # busy or broken: another may serve
+                            problems.append(f"{replica.url.text}: HTTP {response.status}: {message}")
+                            continue
+                        raise self._refusal(replica, response.status, message)
+                    async for event in self._events(response, replica):
+                        if isinstance(event, Text):
+                            sent += event.tokens
+                        yield event
+                    return
+                except Unreachable as exc:
+                    if sent:
+                        raise RemoteError(f"the server {server.name} ({replica.url.text}) failed after sending "
+                                          f"{sent} tokens: {exc}") from None
+                    self.pool.down(replica, str(exc))
+                    problems.append(f"{replica.url.text}: {exc}")
+                finally:
+                    await response.aclose()
+            finally:
+                replica.outstanding -= 1
+        raise RemoteError(f"no replica of the server {server.name} took the request for model {self.model_id!r}: "
+                          + "; ".join(problems))
+
+    async def _events(self, response: Response, replica: Replica) -> AsyncIterator[GenerationEvent]:
+        """The stream's events: text pieces, then one Finish with the usage the server reported."""
+        finish: str | None = None
+        usage: dict = {}
+        async for data in sse_events(response):
+            if data.strip() == "[DONE]":
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise Unreachable(f"a streamed chunk is not JSON: {data[:200]!r}") from None
+            if not isinstance(chunk, dict):
+                raise Unreachable(f"a streamed chunk is not a JSON object: {data[:200]!r}")
+            if "error" in chunk:  # an error in the middle of the stream (vLLM, llama.cpp)
+                raise Unreachable(f"the server reported an error: {error_message(data.encode())}")
+            if isinstance(chunk.get("usage"), dict):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or ():
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta")
+                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                if isinstance(text, str) and text:
+                    yield Text(text)
+                if choice.get("finish_reason") is not None:
+                    finish = choice["finish_reason"]
+        else:
+            if finish is None:
+                raise Unreachable("the stream ended before the server said the text was finished")
+        details = usage.get("prompt_tokens_details")
+        yield Finish(
+            _finish_reason(finish),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            generated_tokens=_count(usage.get("completion_tokens")),
+            cached_tokens=_count(details.get("cached_tokens")) if isinstance(details, dict) else None,
+        )
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else None
