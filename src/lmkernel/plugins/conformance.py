@@ -247,49 +247,10 @@ class Conformance:
     # ---- kernel level -------------------------------------------------------------------
 
     def _load(self, kernel):
-        """Load the model in a private kernel; its ``Loaded`` event."""
-        from ..kernel import messages as m
-
-        load = kernel.request(lambda i: m.Load(id=i, model=str(self.path)))
-        while not m.is_terminal(loaded := kernel.next_event(load, 120)):
-            pass
-        assert isinstance(loaded, m.Loaded), loaded
-        return loaded
+        return load_in(kernel, self.path)
 
     def check_kernel_requests_end_once(self) -> None:
-        from ..kernel import messages as m
-        from ..kernel import start_kernel
-
-        with start_kernel([self.backend]) as kernel:
-            loaded = self._load(kernel)
-            model = loaded.info.identifier
-            requests = {
-                "ok": {"maxTokens": 5, "temperature": 0},
-                "stop": {"maxTokens": 30, "temperature": 0, "stopStrings": [" "]},
-                "cancel": {"maxTokens": 500, "temperature": 0},
-                "bad": {"maxTokenz": 5},
-            }
-            ids = {}
-            for name, config in requests.items():
-                prompt = "The cat sat on the"
-                ids[name] = kernel.request(lambda i, c=config, p=prompt: m.Predict(id=i, model=model, prompt=p, config=c))
-            too_long = "x " * (loaded.info.context_length + 16)
-            refuse = {"contextOverflowPolicy": "stopAtLimit"}  # the other policies cut the prompt to fit
-            ids["long"] = kernel.request(lambda i: m.Predict(id=i, model=model, prompt=too_long, config=refuse))
-            kernel.send(lambda i: m.Cancel(id=i, target=ids["cancel"]))
-            ends = {}
-            for name, request_id in ids.items():
-                events = []
-                while not events or not m.is_terminal(events[-1]):
-                    events.append(kernel.next_event(request_id, 120))
-                ends[name] = events[-1]
-                assert kernel.pending_event(request_id) is None, f"{name}: events after the terminal one"
-        assert isinstance(ends["ok"], m.Finished) and ends["ok"].stats.predicted_tokens_count <= 5, ends["ok"]
-        assert isinstance(ends["stop"], m.Finished), ends["stop"]
-        assert ends["stop"].stats.stop_reason in ("stopStringFound", "eosFound", "maxPredictedTokensReached")
-        assert isinstance(ends["cancel"], m.Finished) and ends["cancel"].stats.stop_reason == "userStopped"
-        assert isinstance(ends["bad"], m.Failed) and ends["bad"].error.kind == "config", ends["bad"]
-        assert isinstance(ends["long"], m.Failed) and ends["long"].error.kind == "prompt_too_long", ends["long"]
+        kernel_requests_end_once(self.backend, self.path)
 
     def check_structured_output_follows_the_mask(self) -> None:
         """A backend that lists ``"structured"`` applies the kernel's masks: a grammar's text, greedy
@@ -327,3 +288,57 @@ class Conformance:
             assert isinstance(end, m.Finished), f"{name} at temperature {temperature}: {end}"
             assert end.stats.stop_reason == "eosFound", f"{name} at temperature {temperature}: {end.stats.stop_reason}"
             assert text.strip() in allowed[name], f"{name}: {text!r} is not one of {sorted(allowed[name])}"
+
+
+# ---- kernel level, for both kinds of engine (conformance_async uses them too) ---------------
+
+
+def load_in(kernel, path: Path):
+    """Load the model at ``path`` in a private kernel; its ``Loaded`` event."""
+    from ..kernel import messages as m
+
+    load = kernel.request(lambda i: m.Load(id=i, model=str(path) if isinstance(path, Path) else path))
+    while not m.is_terminal(loaded := kernel.next_event(load, 120)):
+        pass
+    assert isinstance(loaded, m.Loaded), loaded
+    return loaded
+
+
+def kernel_requests_end_once(backend: Backend, path: Path | str, long_prompt: bool = True) -> None:
+    """Through a private kernel: a plain prediction, a stop string, a cancel, a bad config key and
+    (``long_prompt``) a prompt longer than the context each end with exactly one terminal event."""
+    from ..kernel import messages as m
+    from ..kernel import start_kernel
+
+    with start_kernel([backend]) as kernel:
+        loaded = load_in(kernel, path)
+        model = loaded.info.identifier
+        requests = {
+            "ok": {"maxTokens": 5, "temperature": 0},
+            "stop": {"maxTokens": 30, "temperature": 0, "stopStrings": [" "]},
+            "cancel": {"maxTokens": 500, "temperature": 0},
+            "bad": {"maxTokenz": 5},
+        }
+        ids = {}
+        for name, config in requests.items():
+            prompt = "The cat sat on the"
+            ids[name] = kernel.request(lambda i, c=config, p=prompt: m.Predict(id=i, model=model, prompt=p, config=c))
+        if long_prompt:
+            too_long = "x " * (loaded.info.context_length + 16)
+            refuse = {"contextOverflowPolicy": "stopAtLimit"}  # the other policies cut the prompt to fit
+            ids["long"] = kernel.request(lambda i: m.Predict(id=i, model=model, prompt=too_long, config=refuse))
+        kernel.send(lambda i: m.Cancel(id=i, target=ids["cancel"]))
+        ends = {}
+        for name, request_id in ids.items():
+            events = []
+            while not events or not m.is_terminal(events[-1]):
+                events.append(kernel.next_event(request_id, 120))
+            ends[name] = events[-1]
+            assert kernel.pending_event(request_id) is None, f"{name}: events after the terminal one"
+    assert isinstance(ends["ok"], m.Finished) and ends["ok"].stats.predicted_tokens_count <= 5, ends["ok"]
+    assert isinstance(ends["stop"], m.Finished), ends["stop"]
+    assert ends["stop"].stats.stop_reason in ("stopStringFound", "eosFound", "maxPredictedTokensReached")
+    assert isinstance(ends["cancel"], m.Finished) and ends["cancel"].stats.stop_reason == "userStopped"
+    assert isinstance(ends["bad"], m.Failed) and ends["bad"].error.kind == "config", ends["bad"]
+    if long_prompt:
+        assert isinstance(ends["long"], m.Failed) and ends["long"].error.kind == "prompt_too_long", ends["long"]
