@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -51,6 +52,8 @@ class Pool:
         self.server = server
         self.replicas = [Replica(url) for url in server.urls]
         self._turn = itertools.count()
+        #: Send only the OpenAI API's own sampling fields (configured, or learnt from a 400 that named one).
+        self.plain = server.sampling == "openai"
 
     def pick(self, tried: set[Replica]) -> Replica | None:
         """The replica for the next attempt, never one in ``tried``; ``None`` when all were tried."""
@@ -111,6 +114,9 @@ class Pool:
                 log.exception("health check of remote server %s failed", self.server.name)
 
 
+_EXTENDED = {"top_k", "min_p", "repeat_penalty", "repetition_penalty"}
+
+
 def _finish_reason(value: object) -> str:
     return "length" if value == "length" else "eos"
 
@@ -145,16 +151,18 @@ class RemoteEngine(AsyncEngine):
     def _body(self, request: Generation) -> dict:
         s = request.sampling
         body: dict = {"model": self.model_id, "stream": True, "stream_options": {"include_usage": True},
-                      "temperature": s.temperature, "top_p": s.top_p}
+                      "temperature": s.temperature}
+        if not s.greedy:  # greedy: no other sampler matters, and strict servers get the plainest body
+            body["top_p"] = s.top_p
+            if not self.pool.plain:  # what vLLM, llama.cpp, mlx_lm and Ollama also take
+                if s.top_k > 0:
+                    body["top_k"] = s.top_k
+                body["min_p"] = s.min_p
+                if s.repeat_penalty != 1.0:
+                    body["repeat_penalty"] = body["repetition_penalty"] = s.repeat_penalty
         max_tokens = request.max_tokens if request.max_tokens is not None else self._default_max_tokens
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
-        if self.pool.server.sampling == "extended":  # what vLLM, llama.cpp, mlx_lm and Ollama also take
-            if s.top_k > 0:
-                body["top_k"] = s.top_k
-            body["min_p"] = s.min_p
-            if s.repeat_penalty != 1.0:
-                body["repeat_penalty"] = body["repetition_penalty"] = s.repeat_penalty
         if request.seed is not None:
             body["seed"] = request.seed
         if request.messages is not None:
@@ -202,6 +210,16 @@ class RemoteEngine(AsyncEngine):
                         message = error_message(await response.read())
                         if response.status >= 500 or response.status == 429:  # busy or broken: another may serve
                             problems.append(f"{replica.url.text}: HTTP {response.status}: {message}")
+                            continue
+                        if response.status in (400, 422) and not self.pool.plain and _EXTENDED & set(
+                                re.findall(r"[a-z_]+", message)):
+                            # a strict server (OpenAI's API, lmkernel's) refuses the fields it does not
+                            # know: from now on send it only the OpenAI API's own, and ask again
+                            log.warning("remote server %s refuses extended sampling fields (%s); sending only "
+                                        "OpenAI's from now on", server.name, message)
+                            self.pool.plain = True
+                            body = self._body(request)
+                            tried.discard(replica)
                             continue
                         raise self._refusal(replica, response.status, message)
                     async for event in self._events(response, replica):

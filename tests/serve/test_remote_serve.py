@@ -1,0 +1,73 @@
+"""``lmkernel serve`` fronting remote models: a fleet behind one endpoint.
+
+The upstream is another ``lmkernel serve`` (one of the servers the remote backend talks to),
+serving the tiny test model; the front is a second ``lmkernel serve`` that knows the upstream
+only through ``LMKERNEL_REMOTE``. Through the front, with the official ``openai`` client and
+with lmkernel's own ``Client``, the answers are the upstream's, token for token.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+import lmkernel as lms
+
+from ..conftest import TINY_KEY
+from ..serve_helpers import Server
+
+REMOTE_KEY = f"remote/up/{TINY_KEY}"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    upstream = Server("--model", TINY_KEY)
+    config = tmp_path_factory.mktemp("remote") / "remote.toml"
+    config.write_text(f'[servers.up]\nurl = "{upstream.url}/v1"\nmodels = ["{TINY_KEY}"]\n')
+    try:
+        front = Server("--model", REMOTE_KEY, env={"LMKERNEL_REMOTE": str(config)})
+    except BaseException:
+        upstream.stop()
+        raise
+    yield upstream, front
+    assert front.stop() == 0
+    assert upstream.stop() == 0
+
+
+def _client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_the_front_lists_and_serves_the_upstreams_model(fleet):
+    upstream, front = fleet
+    with _client(front) as via_front, _client(upstream) as direct:
+        assert REMOTE_KEY in [model.id for model in via_front.models.list()]
+        settings = {"prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0}
+        fronted = via_front.completions.create(model=REMOTE_KEY, **settings)
+        original = direct.completions.create(model=TINY_KEY, **settings)
+        assert fronted.choices[0].text == original.choices[0].text != ""
+        assert fronted.choices[0].finish_reason == "length" and fronted.usage.completion_tokens == 12
+        # the upstream's usage reached the front: its prompt count, not a guess
+        assert fronted.usage.prompt_tokens == original.usage.prompt_tokens
+        streamed = via_front.completions.create(model=REMOTE_KEY, stream=True, **settings)
+        assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == original.choices[0].text
+
+
+def test_lmkernels_own_client_through_the_front_and_a_stop_string(fleet):
+    upstream, front = fleet
+    with lms.Client(front.host) as client, lms.Client(upstream.host) as direct:
+        model = client.llm.model(REMOTE_KEY)
+        local = direct.llm.model(TINY_KEY).complete("Once upon a time", config={"maxTokens": 10, "temperature": 0})
+        remote = model.complete("Once upon a time", config={"maxTokens": 10, "temperature": 0})
+        assert remote.content == local.content and remote.stats.stop_reason == "maxPredictedTokensReached"
+        stop = local.content[3:6]
+        cut = model.complete("Once upon a time", config={"maxTokens": 10, "temperature": 0, "stopStrings": [stop]})
+        assert cut.content == local.content[:local.content.index(stop)]
+        assert cut.stats.stop_reason == "stopStringFound"
+        with pytest.raises(lms.LMKernelPromptTooLongError):  # the upstream counted it and said so
+            model.complete("x " * 5000, config={"maxTokens": 2, "contextOverflowPolicy": "stopAtLimit"})
+        assert model.complete("Once upon a time", config={"maxTokens": 10, "temperature": 0}).content == local.content
+        # sampling with LM Studio's defaults (top-k, min-p, repeat penalty): an lmkernel server refuses
+        # fields the OpenAI API lacks, and the remote backend then sends it only the OpenAI API's own
+        sampled = model.complete("Once upon a time", config={"maxTokens": 5, "temperature": 0.7})
+        assert sampled.stats.predicted_tokens_count == 5 and sampled.stats.stop_reason == "maxPredictedTokensReached"
