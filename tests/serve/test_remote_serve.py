@@ -60,6 +60,8 @@ def test_lmkernels_own_client_through_the_front_and_a_stop_string(fleet):
         local = direct.llm.model(TINY_KEY).complete("Once upon a time", config={"maxTokens": 10, "temperature": 0})
         remote = model.complete("Once upon a time", config={"maxTokens": 10, "temperature": 0})
         assert remote.content == local.content and remote.stats.stop_reason == "maxPredictedTokensReached"
+        # the upstream's /v1/models says its context length, and the front enforces it
+        assert model.get_context_length() == direct.llm.model(TINY_KEY).get_context_length()
         stop = local.content[3:6]
         cut = model.complete("Once upon a time", config={"maxTokens": 10, "temperature": 0, "stopStrings": [stop]})
         assert cut.content == local.content[:local.content.index(stop)]

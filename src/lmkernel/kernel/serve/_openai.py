@@ -252,18 +252,25 @@ class OpenAIHandler:
 
     async def _models(self) -> None:
         ids = self.policy.served()
-        if self.policy.any_model:
-            caller = KernelCaller(self.kernel)
-            try:
+        contexts: dict[str, int] = {}  # what a client (another lmkernel's remote backend) can plan with
+        caller = KernelCaller(self.kernel)
+        try:
+            loaded = await caller.call(lambda i: m.ListLoaded(id=i))
+            if isinstance(loaded, m.LoadedList):
+                contexts.update((info.identifier, info.context_length) for info in loaded.models)
+            if self.policy.any_model:
                 downloaded = await caller.call(lambda i: m.ListDownloaded(id=i))
-            finally:
-                caller.close()
-            if isinstance(downloaded, m.DownloadedList):
-                # A model the operator named by its path is listed once, under that name.
-                ids += [info.model_key for info in downloaded.models
-                        if info.model_key not in ids and info.path not in ids]
+                if isinstance(downloaded, m.DownloadedList):
+                    # A model the operator named by its path is listed once, under that name.
+                    ids += [info.model_key for info in downloaded.models
+                            if info.model_key not in ids and info.path not in ids]
+                    for info in downloaded.models:
+                        contexts.setdefault(info.model_key, info.max_context_length)
+        finally:
+            caller.close()
         await self._json(200, {"object": "list", "data": [
-            {"id": key, "object": "model", "created": 0, "owned_by": "lmkernel"} for key in ids]})
+            {"id": key, "object": "model", "created": 0, "owned_by": "lmkernel",
+             **({"context_length": contexts[key]} if key in contexts else {})} for key in ids]})
 
     async def _predict(self, job: Job) -> None:
         """Admit and load the model ``job`` names, run its prediction, and answer (whole or streamed)."""
