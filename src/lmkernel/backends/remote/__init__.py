@@ -175,8 +175,8 @@ class RemoteBackend(AsyncBackend):
         if server.models is None and model_id not in listed:
             raise LMKernelModelNotFoundError(
                 f"the server {server.name} does not serve {model_id!r} (it lists: {', '.join(listed) or 'nothing'})")
-        context = options.context_length or server.context_length or context_of(listed.get(model_id)) or UNKNOWN_CONTEXT
-        engine = RemoteEngine(pool, model_id, context)
+        known = options.context_length or server.context_length or context_of(listed.get(model_id))
+        engine = RemoteEngine(pool, model_id, known or UNKNOWN_CONTEXT, context_known=known is not None)
         engine.start_watch()
         on_progress(1.0)
         return engine

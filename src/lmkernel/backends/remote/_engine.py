@@ -114,6 +114,7 @@ class Pool:
                 log.exception("health check of remote server %s failed", self.server.name)
 
 
+_SPECIAL_TOKENS = 16  # room left for the tokens a server adds to a prompt (BOS and the like)
 _EXTENDED = {"top_k", "min_p", "repeat_penalty", "repetition_penalty"}
 
 
@@ -126,11 +127,11 @@ class RemoteEngine(AsyncEngine):
 
     chat = True
 
-    def __init__(self, pool: Pool, model_id: str, context_length: int, max_tokens: int | None = None) -> None:
+    def __init__(self, pool: Pool, model_id: str, context_length: int, context_known: bool = True) -> None:
         self.pool = pool
         self.model_id = model_id
         self.context_length = context_length
-        self._default_max_tokens = max_tokens
+        self.context_known = context_known
         self._watch = trio.CancelScope()
 
     def start_watch(self) -> None:
@@ -160,9 +161,15 @@ class RemoteEngine(AsyncEngine):
                 body["min_p"] = s.min_p
                 if s.repeat_penalty != 1.0:
                     body["repeat_penalty"] = body["repetition_penalty"] = s.repeat_penalty
-        max_tokens = request.max_tokens if request.max_tokens is not None else self._default_max_tokens
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        elif request.prompt is not None and self.context_known:
+            # No maxTokens: LM Studio generates up to the context, but /v1/completions stops at 16
+            # tokens unless told (OpenAI's default, vLLM's, llama.cpp's). Ask for the context less
+            # the prompt's bytes (no token is shorter than a byte, so this never asks too much).
+            room = self.context_length - len(request.prompt.encode()) - _SPECIAL_TOKENS
+            if room > 0:
+                body["max_tokens"] = room
         if request.seed is not None:
             body["seed"] = request.seed
         if request.messages is not None:
