@@ -19,10 +19,12 @@ LEAVES = ("lmkernel.errors", "lmkernel._struct", "lmkernel._version", "lmkernel.
 
 # part (module prefix) -> what it may import of lmkernel besides itself and the leaves.
 ALLOWED: dict[str, tuple[str, ...]] = {
-    "lmkernel.kernel": ("lmkernel.plugins.contract", "lmkernel.plugins.discovery", "lmkernel.plugins.gguf"),
-    "lmkernel.backends": ("lmkernel.plugins.contract", "lmkernel.plugins.detokenize", "lmkernel.plugins.gguf",
-                          "lmkernel.plugins.tokens"),
+    "lmkernel.kernel": ("lmkernel.plugins.contract", "lmkernel.plugins.contract_async", "lmkernel.plugins.discovery",
+                        "lmkernel.plugins.gguf"),
+    "lmkernel.backends": ("lmkernel.plugins.contract", "lmkernel.plugins.contract_async", "lmkernel.plugins.detokenize",
+                          "lmkernel.plugins.gguf", "lmkernel.plugins.tokens"),
     "lmkernel.plugins.conformance": ("lmkernel.plugins", "lmkernel.kernel", "lmkernel.kernel.messages"),
+    "lmkernel.plugins.conformance_async": ("lmkernel.plugins",),
     "lmkernel.plugins": (),
     "lmkernel.sdk": ("lmkernel.kernel", "lmkernel.kernel.messages", "lmkernel.kernel.config",
                      "lmkernel.kernel.runtime"),
