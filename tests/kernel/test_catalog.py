@@ -186,7 +186,7 @@ _PREFIX = "Backend 'p' returned an invalid model description: "
     [
         (dict(GOOD), "describe() must return a ModelDescription or None, got dict: {'architecture': 'llama', "),
         (ModelDescription(**{**GOOD, "format": "weird"}),
-         "format must be one of exl2, ggml, gguf, mlx_placeholder, onnx, safetensors, torch_safetensors, got 'weird'"),
+         "format must be one of exl2, ggml, gguf, mlx_placeholder, onnx, remote, safetensors, torch_safetensors, got 'weird'"),
         (ModelDescription(**{**GOOD, "format": None}), "format must be one of exl2, ggml, "),
         (ModelDescription(**{**GOOD, "max_context_length": "4096"}),
          "max_context_length must be an integer from 1 to 2**63-1, got '4096'"),
