@@ -249,3 +249,21 @@ def test_a_plugin_listing_that_fails_loses_only_its_models(scripted, caplog, mod
     run(kernel, scenario)
     said = "could not list the models it offers: OSError" if mode == "raise" else "offered a model the kernel skips"
     assert said in caplog.text
+
+
+def test_a_short_name_keeps_naming_the_local_model_a_server_also_has(tmp_path):
+    from .scripted import ScriptedBackend
+
+    local, remote = ScriptedBackend(), ScriptedAsyncBackend()
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "scripted.txt").write_text("x")
+    statuses = [BackendStatus(b.name, "test", b, b.availability()) for b in (local, remote)]
+    kernel = Kernel(Discovery(statuses), Catalog([local, remote], roots=[(tmp_path, "plain")], describe_timeout=0))
+
+    async def scenario(client: Client):
+        assert (await _load(client, "one")).info.backend == "scripted"  # was ambiguous: one, scripted-async/one
+        assert (await _load(client, ONE)).info.backend == "scripted-async"
+        loaded = await _load(client, "two")  # a name only a server has still finds it
+        assert loaded.info.identifier == "scripted-async/two"
+
+    run(kernel, scenario)

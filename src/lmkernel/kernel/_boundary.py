@@ -15,11 +15,13 @@ from ..errors import LMKernelValueError
 from ..plugins.contract import (
     Engine,
     ModelDescription,
+    OfferedModel,
     PromptProgress,
     SequenceEnd,
     StepEvent,
     Token,
 )
+from ._names import is_explicit_path
 from ._values import INT64_MAX, show, unicode_problem
 from .messages import ModelFormat
 
@@ -110,3 +112,17 @@ def check_description(backend_name: str, desc: Any) -> ModelDescription:
         if (problem := unicode_problem(value)) is not None:
             raise bad(f"{name} must be valid Unicode text, got {show(value)} ({problem})")
     return desc
+
+
+def offered_problem(model: object, reserved: Container[str] = ()) -> str | None:
+    """What is wrong with a value a plugin's ``offered_models()`` returned, or ``None`` (``reserved``: paths it may not take)."""
+    if not isinstance(model, OfferedModel):
+        return f"offered_models() must return OfferedModel values, got {type(model).__name__}: {show(model)}"
+    path = model.path
+    if not isinstance(path, str) or not path or len(path) > 500:
+        return f"an offered model's path must be a non-empty string of at most 500 characters, got {show(path)}"
+    if (problem := unicode_problem(path)) is not None or "\0" in path:
+        return f"an offered model's path must be valid Unicode text without NUL, got {show(path)} ({problem or 'NUL'})"
+    if is_explicit_path(path) or path in reserved:
+        return f"an offered model's path must not look like a folder path or name a built-in model, got {show(path)}"
+    return None

@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LMKernelModelNotFoundError, LMKernelValueError
-from ..plugins.contract import Backend, ModelDescription, ModelRejected, OfferedModel
-from ._boundary import check_description
+from ..plugins.contract import Backend, ModelDescription, ModelRejected
+from ._boundary import check_description, offered_problem
 from ._describer import DESCRIBE_TIMEOUT, DescribeHung, Describer, text_of
 from ._folders import (
     cache_dir,
@@ -81,6 +81,7 @@ class CatalogEntry:
     descriptions: dict[str, ModelDescription]
     relative_path: str | None = None
     rejections: Mapping[str, str] = field(default_factory=dict)
+    offered: bool = False  # a model a backend offers (on a server), not a folder
 
     def info(self) -> LlmInfo:
         desc = next(iter(self.descriptions.values()))
@@ -106,20 +107,6 @@ def _reasons(rejections: Mapping[str, str]) -> str:
     for name, reason in rejections.items():
         by_reason.setdefault(reason, []).append(name)
     return "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
-
-
-def offered_problem(model: object) -> str | None:
-    """What is wrong with a value a plugin's ``offered_models()`` returned, or ``None``."""
-    if not isinstance(model, OfferedModel):
-        return f"offered_models() must return OfferedModel values, got {type(model).__name__}: {show(model)}"
-    path = model.path
-    if not isinstance(path, str) or not path or len(path) > 500:
-        return f"an offered model's path must be a non-empty string of at most 500 characters, got {show(path)}"
-    if (problem := unicode_problem(path)) is not None or "\0" in path:
-        return f"an offered model's path must be valid Unicode text without NUL, got {show(path)} ({problem or 'NUL'})"
-    if is_explicit_path(path) or path in (BUILTIN_DEMO, BUILTIN_TINY):
-        return f"an offered model's path must not look like a folder path or name a built-in model, got {show(path)}"
-    return None
 
 
 class Catalog:
@@ -246,7 +233,7 @@ class Catalog:
                                       f"{type(exc).__name__}: {text_of(exc)}")
                 continue
             for model in offered:
-                problem = offered_problem(model)
+                problem = offered_problem(model, reserved=(BUILTIN_DEMO, BUILTIN_TINY))
                 if problem is None:
                     try:
                         description = check_description(name, model.description)
@@ -259,7 +246,7 @@ class Catalog:
                     continue
                 keys.add(model.path)
                 paths.add(model.path)
-                found.append(CatalogEntry(model.path, Path(model.path), {name: description}, model.path))
+                found.append(CatalogEntry(model.path, Path(model.path), {name: description}, model.path, offered=True))
         return found
 
     def lookup(self, key: str) -> CatalogEntry:
@@ -315,24 +302,27 @@ class Catalog:
         for entry in entries:  # a GGUF repository with several quantizations: its first, as LM Studio
             if entry.key.startswith(key + "@") and is_gguf(entry.path):
                 return entry
-        named = [(e.key, e.relative_path or str(e.path), lambda e=e: e) for e in entries]
+        named = [(e.key, e.relative_path or str(e.path), lambda e=e: e, e.offered) for e in entries]
         if guarded((demo_model_path() / "config.json").is_file, False):
-            named.append((BUILTIN_DEMO, BUILTIN_DEMO, self.builtin_demo))
-        named.append((BUILTIN_TINY, BUILTIN_TINY, self.builtin_tiny))
+            named.append((BUILTIN_DEMO, BUILTIN_DEMO, self.builtin_demo, False))
+        named.append((BUILTIN_TINY, BUILTIN_TINY, self.builtin_tiny, False))
         wanted = key.lower().rstrip("/")
         found = [
-            (path, get) for k, path, get in named
+            (path, get, offered) for k, path, get, offered in named
             if wanted and (wanted in (k.lower(), path.lower()) or path.lower().endswith("/" + wanted))
         ]
+        local = [match for match in found if not match[2]]
+        if len(found) > 1 and len(local) == 1:  # a short name keeps naming the local model a server also has
+            found = local
         if len(found) == 1 and (entry := found[0][1]()) is not None:
             return entry
         if len(found) > 1:
             raise LMKernelModelNotFoundError(
-                f"The key {show(key)} matches {len(found)} models: {', '.join(path for path, _ in found)};"
+                f"The key {show(key)} matches {len(found)} models: {', '.join(path for path, _, _ in found)};"
                 " name one by its key or its path"
             )
-        shown = [k if k == path else f"{k} ({path})" for k, path, _ in named]
-        names = [k for k, _, _ in named] + [path for k, path, _ in named if path != k]
+        shown = [k if k == path else f"{k} ({path})" for k, path, _, _ in named]
+        names = [k for k, _, _, _ in named] + [path for k, path, _, _ in named if path != k]
         close = difflib.get_close_matches(key, names, n=1) if len(key) <= 200 else []
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise LMKernelModelNotFoundError(
