@@ -267,3 +267,20 @@ def test_a_short_name_keeps_naming_the_local_model_a_server_also_has(tmp_path):
         assert loaded.info.identifier == "scripted-async/two"
 
     run(kernel, scenario)
+
+
+def test_a_spent_budget_waits_briefly_for_the_engines_counts(scripted):
+    backend, kernel = scripted
+
+    async def scenario(client: Client):
+        await _load(client)
+        backend.mode = "usage"  # the Finish after the last token carries the server's counts
+        _, end = await _predict(client, "abcdef", maxTokens=6)
+        assert end.stats.prompt_tokens_count == 7 and end.stats.stop_reason == "maxPredictedTokensReached"
+        backend.mode = "hang"  # silent after its budget (1 token): ended after a short grace, not the engine timeout
+        started = trio.current_time()
+        text, end = await _predict(client, "abcdef", maxTokens=1)
+        assert text == "a" and end.stats.stop_reason == "maxPredictedTokensReached"
+        assert trio.current_time() - started < 2
+
+    run(kernel, scenario)

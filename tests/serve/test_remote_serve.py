@@ -73,3 +73,22 @@ def test_lmkernels_own_client_through_the_front_and_a_stop_string(fleet):
         # fields the OpenAI API lacks, and the remote backend then sends it only the OpenAI API's own
         sampled = model.complete("Once upon a time", config={"maxTokens": 5, "temperature": 0.7})
         assert sampled.stats.predicted_tokens_count == 5 and sampled.stats.stop_reason == "maxPredictedTokensReached"
+
+
+def test_lmkernel_serve_takes_the_extended_sampling_fields(fleet):
+    upstream, _ = fleet
+    with _client(upstream) as direct:
+        settings = {"model": TINY_KEY, "prompt": "The cat sat on the", "max_tokens": 12}
+        greedy = direct.completions.create(temperature=0, **settings).choices[0].text
+        for extra in ({"top_k": 1}, {"top_k": 1, "min_p": 0.05, "repeat_penalty": 1.0, "repetition_penalty": 1.0}):
+            # top-k 1 keeps only the likeliest token: at temperature 1 it is greedy decoding
+            assert direct.completions.create(temperature=1.0, extra_body=extra, **settings).choices[0].text == greedy
+        with pytest.raises(openai.BadRequestError) as refused:  # the chat endpoint reads them too (a field error first)
+            direct.chat.completions.create(model=TINY_KEY, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=3, extra_body={"top_k": -2})
+        assert refused.value.body["param"] == "top_k"
+        for extra, field in (({"top_k": -1}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"repeat_penalty": 0}, "repeat_penalty"),
+                             ({"repeat_penalty": 1.1, "repetition_penalty": 1.2}, "repetition_penalty")):
+            with pytest.raises(openai.BadRequestError) as refused:
+                direct.completions.create(temperature=1.0, extra_body=extra, **settings)
+            assert refused.value.body["param"] == field and field in refused.value.body["message"]

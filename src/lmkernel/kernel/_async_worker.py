@@ -59,6 +59,8 @@ log = logging.getLogger("lmkernel.kernel")
 
 #: Seconds an engine's ``aclose`` (and a generator's cleanup) may take.
 CLOSE_TIMEOUT = 10.0
+#: Seconds the kernel waits for the Finish (and its counts) after ``max_tokens`` tokens arrived.
+SPENT_GRACE = 1.0
 
 
 class AsyncEngineWorker:
@@ -226,21 +228,23 @@ class AsyncEngineWorker:
             raise PluginValueError(f"generate() must return an async iterator, got {_short(events)}")
         limit = engine_timeout()
         generated = 0
+        spent = False  # max_tokens reached: only the Finish (with its counts) may follow, soon
         try:
             while True:
-                with trio.fail_after(limit):
+                with trio.move_on_after(SPENT_GRACE if spent else math.inf) as grace, trio.fail_after(limit):
                     try:
                         event = await events.__anext__()
                     except StopAsyncIteration:
                         raise PluginValueError("generate() ended without a Finish event") from None
+                if grace.cancelled_caught or (spent and not isinstance(event, Finish)):
+                    self._post(Stepped([SequenceEnd(seq_id, "length")]))  # it overran the budget: the kernel ends it
+                    return
                 if isinstance(event, Text):
                     if not isinstance(event.text, str) or not _is_int(event.tokens) or event.tokens < 0:
                         raise PluginValueError(f"generate() yielded a malformed Text: {_short(event)}")
                     generated += event.tokens
                     self._post(Stepped([Pieces(seq_id, event.text, event.tokens)]))
-                    if max_tokens is not None and generated >= max_tokens:
-                        self._post(Stepped([SequenceEnd(seq_id, "length")]))
-                        return
+                    spent = max_tokens is not None and generated >= max_tokens
                 elif isinstance(event, Prefill):
                     if not (_is_int(event.processed) and _is_int(event.total) and _is_int(event.cached)
                             and 0 <= event.processed and 0 <= event.cached <= max(event.total, 0)):
@@ -251,7 +255,8 @@ class AsyncEngineWorker:
                     if event.reason not in ("eos", "length") or not all(
                             c is None or (_is_int(c) and 0 <= c < 2**63) for c in counts):
                         raise PluginValueError(f"generate() yielded a malformed Finish: {_short(event)}")
-                    self._post(Stepped([Counted(seq_id, *counts), SequenceEnd(seq_id, event.reason)]))
+                    reason = "length" if spent else event.reason
+                    self._post(Stepped([Counted(seq_id, *counts), SequenceEnd(seq_id, reason)]))
                     return
                 else:
                     raise PluginValueError(f"generate() yielded something that is not a generation event: "

@@ -32,6 +32,7 @@ from ._completions import (
     _param_from,
     check_finite,
     check_max_tokens,
+    extended_sampling,
     prediction_config,
     refuse,
     show,
@@ -63,6 +64,10 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
     store: bool | None = None
     user: str | None = None  # an end user's id, for the caller's own records: nothing to honour
     safety_identifier: str | None = None  # the same, under its newer name
+    top_k: int | None = None  # extensions, as on /v1/completions (extended_sampling)
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repetition_penalty: float | None = None
 
 
 _ROLES: dict[str, m.ChatRole] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -154,7 +159,8 @@ def chat_job(body: bytes) -> Job:
     return Job(
         model=request.model, shape=CHAT, messages=conversation,
         config=prediction_config(temperature=request.temperature, top_p=request.top_p, max_tokens=limit,
-                                 stop=request.stop, structured=structured_setting(request.response_format)),
+                                 stop=request.stop, structured=structured_setting(request.response_format))
+        | extended_sampling(request),
         stream=bool(request.stream),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
     )

@@ -52,6 +52,11 @@ class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
     suffix: str | None = None
     user: str | None = None
     response_format: Any = None  # checked by structured_setting
+    # Extensions that vLLM, llama.cpp's server, mlx_lm and Ollama also take (lmkernel's own remote backend sends them).
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repetition_penalty: float | None = None
 
 
 class HttpError(Exception):
@@ -65,7 +70,8 @@ class HttpError(Exception):
 
 
 _FIELDS = {"'temperature'": "temperature", "'topPSampling'": "top_p", "'maxTokens'": "max_tokens",
-           "'stopStrings'": "stop"}  # the kernel's config keys, as the fields of a completions body
+           "'stopStrings'": "stop", "'topKSampling'": "top_k", "'minPSampling'": "min_p",
+           "'repeatPenalty'": "repeat_penalty"}  # the kernel's config keys, as the fields of a completions body
 _STATUS = {"model_not_found": 404, "config": 400, "unsupported_config": 400, "value": 400,
            "prompt_too_long": 400, "queue_full": 429, "backend_unavailable": 503}
 _FINISH = {"maxPredictedTokensReached": "length", "contextLengthReached": "length"}
@@ -149,6 +155,31 @@ def check_max_tokens(field: str, value: int | None) -> None:
                              f"got {_number(value)}", field)
 
 
+def extended_sampling(request: Any) -> dict[str, Any]:
+    """The config of the extension fields ``top_k``, ``min_p``, ``repeat_penalty`` (or its other
+    name ``repetition_penalty``): what vLLM and llama.cpp's server take too; a 400 names a bad one."""
+    config: dict[str, Any] = {}
+    if request.top_k is not None:
+        if not 0 <= request.top_k <= 2**31 - 1:
+            raise HttpError(400, f"'top_k' must be an integer from 0 (off) to 2147483647, got {_number(request.top_k)}",
+                            "top_k")
+        config["topKSampling"] = request.top_k
+    if request.min_p is not None:
+        if not 0 <= request.min_p <= 1:  # NaN fails too
+            raise HttpError(400, f"'min_p' must be a number from 0 to 1, got {request.min_p!r}", "min_p")
+        config["minPSampling"] = request.min_p or False
+    penalties = {request.repeat_penalty, request.repetition_penalty} - {None}
+    if len(penalties) > 1:
+        raise HttpError(400, f"'repeat_penalty' ({request.repeat_penalty}) and 'repetition_penalty' "
+                             f"({request.repetition_penalty}) differ: give one of them", "repetition_penalty")
+    if penalties:
+        penalty = penalties.pop()
+        if not (math.isfinite(penalty) and penalty > 0):
+            raise HttpError(400, f"'repeat_penalty' must be a finite number above 0, got {penalty!r}", "repeat_penalty")
+        config["repeatPenalty"] = False if penalty == 1 else penalty
+    return config
+
+
 def check_finite(request: Any) -> None:
     """Refuse a ``temperature`` or ``top_p`` that is not a finite number."""
     for field in ("temperature", "top_p"):
@@ -168,12 +199,12 @@ def refuse(refusals: dict[str, bool], request: Any, endpoint: str) -> None:
 def completion_job(body: bytes) -> Job:
     """The prediction a ``/v1/completions`` body asks for (:class:`HttpError` if it cannot be run)."""
     request = parse_completion(body)
+    config = prediction_config(temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
+                               stop=request.stop, structured=structured_setting(request.response_format))
     return Job(
         model=request.model, shape=TEXT,
         prompt=request.prompt if isinstance(request.prompt, str) else request.prompt[0],
-        config=prediction_config(temperature=request.temperature, top_p=request.top_p,
-                                 max_tokens=request.max_tokens, stop=request.stop,
-                                 structured=structured_setting(request.response_format)),
+        config=config | extended_sampling(request),
         stream=request.stream, include_usage=bool(request.stream_options and request.stream_options.include_usage),
     )
 
