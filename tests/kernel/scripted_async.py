@@ -6,7 +6,7 @@ seconds apart. Knobs on the backend: ``mode`` (``"raise"`` after two pieces, ``"
 ``"hang"`` after one piece, ``"no_finish"``, ``"overrun"`` (ignores ``max_tokens``),
 ``"refuse"`` (a prompt too long, as a server says it), ``"usage"`` (its Finish reports counts)),
 ``load_mode`` (``"raise"``, ``"hang"``, ``"wrong"``), ``offered_mode`` (``"raise"``,
-``"malformed"``, ``"hang"``). ``closed`` counts generations whose cleanup ran.
+``"malformed"``, ``"hang"``, ``"partial"``: a server it could not list). ``closed`` counts generations whose cleanup ran.
 """
 
 from __future__ import annotations
@@ -110,6 +110,9 @@ class ScriptedAsyncBackend(AsyncBackend):
         if self.offered_mode == "malformed":
             models += ["not a model", OfferedModel(path="/abs/path", description=DESCRIPTION)]
         return models
+
+    def offer_problems(self):
+        return ["server three (http://127.0.0.1:9/v1): could not connect"] if self.offered_mode == "partial" else []
 
     async def load_async(self, path: Path, options, on_progress) -> AsyncEngine:
         self.loads += 1

@@ -284,3 +284,19 @@ def test_a_spent_budget_waits_briefly_for_the_engines_counts(scripted):
         assert trio.current_time() - started < 2
 
     run(kernel, scenario)
+
+
+def test_a_key_that_names_nothing_says_which_servers_were_not_listed(scripted):
+    backend, kernel = scripted
+    backend.offered_mode = "partial"
+
+    async def scenario(client: Client):
+        failed = (await client.until_done(client.request(m.Load, model="scripted-async/three/m")))[-1]
+        assert isinstance(failed, m.Failed) and failed.error.kind == "model_not_found"
+        assert failed.error.message.endswith(
+            "Not listed now: scripted-async: server three (http://127.0.0.1:9/v1): could not connect"), failed.error
+        backend.offered_mode = ""
+        failed = (await client.until_done(client.request(m.Load, model="scripted-async/three/m")))[-1]
+        assert "Not listed now" not in failed.error.message
+
+    run(kernel, scenario)

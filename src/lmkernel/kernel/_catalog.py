@@ -128,6 +128,7 @@ class Catalog:
         self._describers: dict[int, Describer] = {}  # by id(backend)
         self._lock = threading.Lock()
         self._logged: set[tuple[str, str]] = set()
+        self._unlisted: list[str] = []  # why offered models were missing from the last listing
 
     def _warn_once(self, backend: str, message: str) -> None:
         if (backend, message) not in self._logged:
@@ -216,6 +217,7 @@ class Catalog:
         """The models backends offer besides folders (:meth:`~lmkernel.plugins.Backend.offered_models`),
         keyed by their paths; a path already listed keeps its first model."""
         found: list[CatalogEntry] = []
+        unlisted: list[str] = []
         timeout = DESCRIBE_TIMEOUT if self._timeout is None else self._timeout
         for backend in self._backends:
             if type(backend).offered_models is Backend.offered_models:
@@ -228,9 +230,11 @@ class Catalog:
                         describer = self._describers[id(backend)] = Describer(backend)
                 offered = describer.offered(timeout) if timeout > 0 else backend.offered_models()
                 offered = list(offered)
+                unlisted += [f"{name}: {text_of(p)}" for p in list(backend.offer_problems())[:10] if isinstance(p, str)]
             except Exception as exc:  # noqa: BLE001 - a plugin's listing must not break the others
-                self._warn_once(name, f"Backend {name!r} could not list the models it offers: "
-                                      f"{type(exc).__name__}: {text_of(exc)}")
+                message = f"could not list the models it offers: {type(exc).__name__}: {text_of(exc)}"
+                unlisted.append(f"{name}: {message}")
+                self._warn_once(name, f"Backend {name!r} {message}")
                 continue
             for model in offered:
                 problem = offered_problem(model, reserved=(BUILTIN_DEMO, BUILTIN_TINY))
@@ -247,6 +251,7 @@ class Catalog:
                 keys.add(model.path)
                 paths.add(model.path)
                 found.append(CatalogEntry(model.path, Path(model.path), {name: description}, model.path, offered=True))
+        self._unlisted = unlisted
         return found
 
     def lookup(self, key: str) -> CatalogEntry:
@@ -325,10 +330,11 @@ class Catalog:
         names = [k for k, _, _, _ in named] + [path for k, path, _, _ in named if path != k]
         close = difflib.get_close_matches(key, names, n=1) if len(key) <= 200 else []
         hint = f" Did you mean {close[0]!r}?" if close else ""
+        unlisted = f". Not listed now: {'; '.join(self._unlisted)}" if self._unlisted else ""
         raise LMKernelModelNotFoundError(
             f"No model matches the key {show(key)}.{hint} Available: {', '.join(shown)}"
             " (folders searched: LMKERNEL_MODELS, lmkernel's models folder, LM Studio's, the Hugging Face cache;"
-            " a path to a model folder or .gguf file works too)"
+            f" a path to a model folder or .gguf file works too){unlisted}"
         )
 
     def _folder_entry(self, folder: Path, entries: list[CatalogEntry]) -> CatalogEntry:

@@ -357,5 +357,10 @@ class Backend(ABC):
         """
         return ()
 
+    def offer_problems(self) -> Sequence[str]:
+        """What kept models out of the last :meth:`offered_models` answer (``"server gpu
+        (http://...): could not connect"``), shown when a key names no model; default none."""
+        return ()
+
     def release_thread(self) -> None:  # noqa: B027 - optional hook
         """Release per-thread engine state; called last on every worker thread."""
