@@ -13,21 +13,20 @@ says how to grow from one process to a cluster with it.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import trio
 
 from ...errors import LMKernelModelNotFoundError
 from ...plugins.contract import Availability, LoadOptions, ModelDescription, ModelRejected, OfferedModel
 from ...plugins.contract_async import AsyncBackend, AsyncEngine
 from ._config import RemoteConfigError, Server, config_path, load_servers
 from ._engine import Pool, RemoteEngine, RemoteError
-from ._http import error_message
 
 __all__ = ["PREFIX", "RemoteBackend", "backend"]
 
@@ -39,6 +38,8 @@ PREFIX = "remote/"
 UNKNOWN_CONTEXT = 131072
 #: Seconds a server's model list is reused before it is asked again.
 LIST_TTL = 5.0
+#: The most models taken from one server's list (more would make every listing of models slow).
+MAX_MODELS = 10_000
 
 
 def context_of(entry: object) -> int | None:
@@ -54,11 +55,15 @@ def context_of(entry: object) -> int | None:
 
 
 def model_entries(answer: object) -> dict[str, dict]:
-    """``/v1/models``'s answer as ``{id: entry}`` (entries without a string id are skipped)."""
+    """``/v1/models``'s answer as ``{id: entry}`` (entries without a string id are skipped; the first
+    :data:`MAX_MODELS` are taken)."""
     data = answer.get("data") if isinstance(answer, dict) else None
     out: dict[str, dict] = {}
     for entry in data if isinstance(data, list) else ():
         if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
+            if len(out) == MAX_MODELS and entry["id"] not in out:
+                log.warning("a remote server lists more than %d models: only the first are offered", MAX_MODELS)
+                break
             out.setdefault(entry["id"], entry)
     return out
 
@@ -122,20 +127,10 @@ class RemoteBackend(AsyncBackend):
             cached = self._listed.get(server.name)
         if cached is not None and now - cached[0] < LIST_TTL:
             return cached[1]
-        listed: dict[str, dict] = {}
-        problems = []
-        for url in server.urls:
-            request = urllib.request.Request(url.text + "/models", headers=server.headers)
-            try:
-                with urllib.request.urlopen(request, timeout=min(2.0, server.timeout)) as answer:  # noqa: S310
-                    listed = model_entries(json.loads(answer.read(16 * 1024 * 1024)))
-                break
-            except urllib.error.HTTPError as exc:
-                problems.append(f"{url.text}: HTTP {exc.code}: {error_message(exc.read(65536))}")
-            except (OSError, ValueError) as exc:
-                problems.append(f"{url.text}: {getattr(exc, 'reason', exc)}")
-        else:
-            log.warning("remote server %s lists no models: %s", server.name, "; ".join(problems))
+        # the pool's probes, each bounded as a whole (a server that trickles its answer is not waited for)
+        pool = Pool(dataclasses.replace(server, timeout=min(2.0, server.timeout)))
+        answers = trio.run(pool.check_all)
+        listed = next((model_entries(a) for a in answers if a is not None), {})
         with self._lock:
             self._listed[server.name] = (now, listed)
         return listed
@@ -154,27 +149,29 @@ class RemoteBackend(AsyncBackend):
     # ---- loading ------------------------------------------------------------------------
 
     def _named(self, path: Path) -> tuple[Server, str]:
-        """The server and the model id (as the server spells it) that a listed path names."""
+        """The server and the rest of the path a listed path names (the model id, but for slashes)."""
         text = path.as_posix()
         name, _, rest = text.removeprefix(PREFIX).partition("/")
         server = next((s for s in self.servers() if s.name == name), None) if text.startswith(PREFIX) else None
         if server is None or not rest:
             raise LMKernelModelNotFoundError(f"{text!r} names no configured remote server's model "
                                              f"(expected {PREFIX}<server>/<model id>)")
-        ids = server.models if server.models is not None else tuple(self._list(server))
-        return server, next((i for i in ids if _path(server, i) == text), rest)
+        return server, rest
 
     async def load_async(self, path: Path, options: LoadOptions, on_progress: Callable[[float], None]) -> AsyncEngine:
-        server, model_id = self._named(path)
+        server, rest = self._named(path)
         pool = Pool(server)
         answers = await pool.check_all()
         listed = next((model_entries(a) for a in answers if a is not None), None)
         if listed is None:
             raise RemoteError(f"no replica of the server {server.name} answers: " + "; ".join(
                 f"{r.url.text}: {r.problem}" for r in pool.replicas))
+        ids = server.models if server.models is not None else tuple(listed)
+        model_id = next((i for i in ids if _path(server, i) == path.as_posix()), rest)  # as the server spells it
         if server.models is None and model_id not in listed:
+            shown = ", ".join(list(listed)[:20]) + (f" and {len(listed) - 20} more" if len(listed) > 20 else "")
             raise LMKernelModelNotFoundError(
-                f"the server {server.name} does not serve {model_id!r} (it lists: {', '.join(listed) or 'nothing'})")
+                f"the server {server.name} does not serve {model_id!r} (it lists: {shown or 'nothing'})")
         known = options.context_length or server.context_length or context_of(listed.get(model_id))
         engine = RemoteEngine(pool, model_id, known or UNKNOWN_CONTEXT, context_known=known is not None)
         engine.start_watch()

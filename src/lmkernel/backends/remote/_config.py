@@ -101,9 +101,10 @@ def _server(path: Path, name: str, table: object) -> Server:
     for text in raw:
         try:
             urls.append(Url.parse(text))
-        except ValueError:
-            raise RemoteConfigError(f"{where}: {text!r} is not an http:// or https:// base URL "
-                                    "(such as http://127.0.0.1:8000/v1)") from None
+        except ValueError as exc:
+            shown = re.sub(r"//[^/]*@", "//***@", text)  # a password is not repeated
+            raise RemoteConfigError(f"{where}: {shown!r} is not an http:// or https:// base URL "
+                                    f"(such as http://127.0.0.1:8000/v1): {exc}") from None
     api_key = table.get("api_key")
     if "api_key_env" in table:
         if api_key is not None:
@@ -111,8 +112,10 @@ def _server(path: Path, name: str, table: object) -> Server:
         api_key = os.environ.get(str(table["api_key_env"]))
         if not api_key:
             raise RemoteConfigError(f"{where}: api_key_env names {table['api_key_env']!r}, which is not set")
-    if api_key is not None and (not isinstance(api_key, str) or any(c in api_key for c in "\r\n")):
-        raise RemoteConfigError(f"{where}: 'api_key' must be a string on one line")
+    if api_key is not None and (not isinstance(api_key, str) or not re.fullmatch(r"[!-~]*", api_key)):
+        source = f"the key in ${table['api_key_env']}" if "api_key_env" in table else "'api_key'"
+        raise RemoteConfigError(f"{where}: {source} must be a string of printable ASCII characters without spaces "
+                                "(it is sent in an HTTP header)")
     models = table.get("models")
     if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)):
         raise RemoteConfigError(f"{where}: 'models' must be a list of model ids, got {models!r}")
@@ -120,10 +123,12 @@ def _server(path: Path, name: str, table: object) -> Server:
     if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
         raise RemoteConfigError(f"{where}: 'context_length' must be a positive integer, got {context!r}")
     seconds = {}
-    for key, default in (("timeout", 60.0), ("health_interval", 5.0)):
+    # health checks more often than 10 times a second would keep the kernel's loop busy
+    for key, default, least in (("timeout", 60.0, 0.0), ("health_interval", 5.0, 0.1)):
         value = table.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
-            raise RemoteConfigError(f"{where}: {key!r} must be a number of seconds from 0 to 86400, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value and least <= value <= 86400):
+            raise RemoteConfigError(f"{where}: {key!r} must be a number of seconds from {least:g} to 86400, "
+                                    f"got {value!r}")
         seconds[key] = float(value)
     sampling = table.get("sampling", "extended")
     if sampling not in ("extended", "openai"):

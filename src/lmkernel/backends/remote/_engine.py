@@ -16,6 +16,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import trio
@@ -32,6 +33,11 @@ __all__ = ["Pool", "RemoteEngine", "RemoteError", "Replica"]
 
 class RemoteError(RuntimeError):
     """A server failed a request (unreachable, an error status, a stream cut short): the message names it."""
+
+
+class _EmptyStream(Unreachable):
+    """HTTP 200 and a stream that ends before its first event: how llama_cpp.server refuses a streamed
+    request (a prompt longer than its context) once it has sent its headers."""
 
 
 @dataclass(eq=False)
@@ -93,15 +99,18 @@ class Pool:
         replica.problem = ""
         return answer
 
-    async def check_all(self) -> list[object | None]:
+    async def check_all(self, *, busy: bool = True) -> list[object | None]:
+        """Probe the replicas at once (``busy=False``: not those serving a request now, answering it
+        proves them; llama_cpp.server also cuts a running stream short for any request that waits)."""
         answers: list[object | None] = [None] * len(self.replicas)
 
         async def one(i: int) -> None:
             answers[i] = await self.probe(self.replicas[i])
 
         async with trio.open_nursery() as nursery:
-            for i in range(len(self.replicas)):
-                nursery.start_soon(one, i)
+            for i, replica in enumerate(self.replicas):
+                if busy or not replica.healthy or not replica.outstanding:
+                    nursery.start_soon(one, i)
         return answers
 
     async def watch(self) -> None:
@@ -109,7 +118,7 @@ class Pool:
         while True:
             await trio.sleep(self.server.health_interval)
             try:
-                await self.check_all()
+                await self.check_all(busy=False)
             except Exception:  # never end the watch: the next round tries again
                 log.exception("health check of remote server %s failed", self.server.name)
 
@@ -229,15 +238,18 @@ class RemoteEngine(AsyncEngine):
                             tried.discard(replica)
                             continue
                         raise self._refusal(replica, response.status, message)
-                    async for event in self._events(response, replica):
-                        if isinstance(event, Text):
-                            sent += event.tokens
-                        yield event
+                    async with aclosing(self._events(response, replica)) as events:  # closed when the kernel stops
+                        async for event in events:
+                            if isinstance(event, Text):
+                                sent += event.tokens
+                            yield event
                     return
                 except Unreachable as exc:
                     if sent:
                         raise RemoteError(f"the server {server.name} ({replica.url.text}) failed after sending "
                                           f"{sent} tokens: {exc}") from None
+                    if isinstance(exc, _EmptyStream) and (refusal := await self._why_empty(replica, endpoint, body)):
+                        raise refusal from None
                     self.pool.down(replica, str(exc))
                     problems.append(f"{replica.url.text}: {exc}")
                 finally:
@@ -247,35 +259,68 @@ class RemoteEngine(AsyncEngine):
         raise RemoteError(f"no replica of the server {server.name} took the request for model {self.model_id!r}: "
                           + "; ".join(problems))
 
+    async def _why_empty(self, replica: Replica, endpoint: str, body: dict) -> Exception | None:
+        """The refusal behind an empty stream: the same request, not streamed and for one token, gets
+        the server's error status and message; ``None`` when it does not refuse that either."""
+        probe = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False, "max_tokens": 1}
+        server = self.pool.server
+        try:
+            response = await open_request(replica.url, "POST", endpoint, body=probe, headers=server.headers,
+                                          timeout=server.timeout)
+            try:
+                if response.status in (400, 404, 413, 422):
+                    return self._refusal(replica, response.status, error_message(await response.read()))
+            finally:
+                await response.aclose()
+        except Unreachable:
+            pass
+        return None
+
     async def _events(self, response: Response, replica: Replica) -> AsyncIterator[GenerationEvent]:
         """The stream's events: text pieces, then one Finish with the usage the server reported."""
         finish: str | None = None
         usage: dict = {}
-        async for data in sse_events(response):
-            if data.strip() == "[DONE]":
-                break
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                raise Unreachable(f"a streamed chunk is not JSON: {data[:200]!r}") from None
-            if not isinstance(chunk, dict):
-                raise Unreachable(f"a streamed chunk is not a JSON object: {data[:200]!r}")
-            if "error" in chunk:  # an error in the middle of the stream (vLLM, llama.cpp)
-                raise Unreachable(f"the server reported an error: {error_message(data.encode())}")
-            if isinstance(chunk.get("usage"), dict):
-                usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():
-                if not isinstance(choice, dict):
-                    continue
-                delta = choice.get("delta")
-                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-                if isinstance(text, str) and text:
-                    yield Text(text)
-                if choice.get("finish_reason") is not None:
-                    finish = choice["finish_reason"]
-        else:
-            if finish is None:
-                raise Unreachable("the stream ended before the server said the text was finished")
+        seen = False
+        high = ""  # a UTF-16 high surrogate a chunk ended with (its pair is in the next chunk's JSON)
+        async with aclosing(sse_events(response, self.pool.server.timeout)) as stream:
+            async for data in stream:
+                seen = True
+                if data.strip() == "[DONE]":
+                    if finish is None:  # llama_cpp.server's way to cut a stream short for another request
+                        raise Unreachable("the server ended the stream ([DONE]) before it said the text was finished")
+                    break
+                try:
+                    chunk = json.loads(data)
+                except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
+                    raise Unreachable(f"a streamed chunk is not JSON: {data[:200]!r}") from None
+                if not isinstance(chunk, dict):
+                    raise Unreachable(f"a streamed chunk is not a JSON object: {data[:200]!r}")
+                if "error" in chunk:  # an error in the middle of the stream (vLLM, llama.cpp)
+                    raise Unreachable(f"the server reported an error: {error_message(data.encode())}")
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                choices = chunk.get("choices") or []
+                if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+                    raise Unreachable(f"a streamed chunk's choices are not a list of objects: {data[:200]!r}")
+                for choice in choices:
+                    delta = choice.get("delta")
+                    text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                    if text is not None and not isinstance(text, str):
+                        raise Unreachable(f"a streamed chunk's text is not a string: {data[:200]!r}")
+                    if text:
+                        text, high = _whole_characters(high + text)
+                        if text:
+                            yield Text(text)
+                    if choice.get("finish_reason") is not None:
+                        finish = choice["finish_reason"]
+            else:
+                if not seen:
+                    raise _EmptyStream("the server answered with an empty stream (Content-Type: "
+                                       f"{response.headers.get('content-type', 'none')})")
+                if finish is None:
+                    raise Unreachable("the stream ended before the server said the text was finished")
+        if high:  # its pair never came
+            yield Text("\ufffd")
         details = usage.get("prompt_tokens_details")
         yield Finish(
             _finish_reason(finish),
@@ -283,6 +328,15 @@ class RemoteEngine(AsyncEngine):
             generated_tokens=_count(usage.get("completion_tokens")),
             cached_tokens=_count(details.get("cached_tokens")) if isinstance(details, dict) else None,
         )
+
+
+def _whole_characters(text: str) -> tuple[str, str]:
+    """``text`` with UTF-16 surrogates (JSON's ``\\ud83d\\ude00``) paired into characters and lone ones
+    replaced by U+FFFD, less a high surrogate at its end, returned apart to be paired with the next text."""
+    high = text[-1] if "\ud800" <= text[-1] <= "\udbff" else ""
+    if high:
+        text = text[:-1]
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace"), high
 
 
 def _count(value: object) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -48,11 +49,24 @@ class Url:
 
     @classmethod
     def parse(cls, text: str) -> Url:
+        """Raise :class:`ValueError` naming the rule ``text`` breaks (not repeating it: it may hold a password)."""
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {text!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(text.rstrip("/"), parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+            raise ValueError("the scheme must be http or https, and a host must follow")
+        if any(c.isspace() or not c.isprintable() for c in text):
+            raise ValueError("a URL holds no spaces or control characters")
+        if "@" in parts.netloc:  # never sent, and printed in every error that names the replica
+            raise ValueError("a URL holds no credentials (user:password@): put the key in api_key or api_key_env")
+        if parts.query or parts.fragment or text.rstrip("/").endswith(("?", "#")):
+            raise ValueError("a base URL has no query (?...) or fragment (#...)")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"the port must be from 1 to 65535, got {parts.netloc.rpartition(':')[2]!r}")
+        return cls(text.rstrip("/"), parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80),
+                   parts.path.rstrip("/"))
 
 
 class Response:
@@ -75,18 +89,24 @@ class Response:
                 return
 
     async def read(self) -> bytes:
+        """The body (its first 16 MiB), within the timeout (:class:`Unreachable` after it)."""
         body = bytearray()
-        async for chunk in self.chunks():
-            body += chunk
-            if len(body) > _MAX_BODY:
-                break
+        try:
+            with trio.fail_after(self._timeout):  # the whole body: a trickle is not an answer
+                async with aclosing(self.chunks()) as chunks:
+                    async for chunk in chunks:
+                        body += chunk
+                        if len(body) > _MAX_BODY:
+                            break
+        except trio.TooSlowError:
+            raise Unreachable(f"the answer did not arrive within {self._timeout:g} s") from None
         return bytes(body)
 
     async def json(self) -> object:
         body = await self.read()
         try:
             return json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
             raise Unreachable(f"the answer is not JSON: {body[:200]!r}") from None
 
     async def aclose(self) -> None:
@@ -96,7 +116,10 @@ class Response:
 
 async def _next_event(stream: trio.abc.Stream, conn: h11.Connection, timeout: float):
     while True:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()  # h11 parses here: a broken answer raises here, not in receive_data
+        except h11.RemoteProtocolError as exc:
+            raise Unreachable(f"not a valid HTTP answer: {exc}") from None
         if event is not h11.NEED_DATA:
             return event
         try:
@@ -132,7 +155,8 @@ async def open_request(
     within ``timeout``. The caller closes the response (``aclose``), also on cancellation.
     """
     payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
-    fields = [("Host", f"{url.host}:{url.port}"), ("User-Agent", "lmkernel"), ("Accept", "*/*"),
+    host = f"[{url.host}]" if ":" in url.host else url.host  # an IPv6 address in brackets
+    fields = [("Host", f"{host}:{url.port}"), ("User-Agent", "lmkernel"), ("Accept", "*/*"),
               ("Connection", "close")]
     if body is not None:
         fields += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
@@ -158,7 +182,13 @@ async def open_request(
             raise Unreachable(f"could not send the request within {timeout:g} s") from None
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
             raise Unreachable(f"the connection broke: {exc or type(exc).__name__}") from None
-        event = await _next_event(stream, conn, timeout)
+        try:
+            with trio.fail_after(timeout):  # the whole head: a trickle is not an answer
+                event = await _next_event(stream, conn, timeout)
+                while isinstance(event, h11.InformationalResponse):  # 100 Continue, 103 Early Hints: more follows
+                    event = await _next_event(stream, conn, timeout)
+        except trio.TooSlowError:
+            raise Unreachable(f"no answer within {timeout:g} s") from None
         if not isinstance(event, h11.Response):
             raise Unreachable(f"the connection closed before an answer ({type(event).__name__})")
         return Response(stream, conn, event, timeout)
@@ -168,25 +198,40 @@ async def open_request(
         raise
 
 
-async def sse_events(response: Response) -> AsyncIterator[str]:
-    """The ``data:`` payloads of a server-sent event stream, in order (``[DONE]`` included)."""
-    buffer = b""
+async def sse_events(response: Response, timeout: float | None = None) -> AsyncIterator[str]:
+    """The ``data:`` payloads of a server-sent event stream, in order (``[DONE]`` included).
+
+    :class:`Unreachable` when a line or an event exceeds 16 MiB, or (``timeout``) when no line is
+    complete within ``timeout`` seconds although bytes trickle in.
+    """
+    buffer = bytearray()
     data: list[bytes] = []
-    async for chunk in response.chunks():
-        buffer += chunk
-        while True:
-            line, sep, rest = buffer.partition(b"\n")
-            if not sep:
-                break
-            buffer = rest
-            line = line.rstrip(b"\r")
-            if not line:
-                if data:
-                    yield b"\n".join(data).decode("utf-8", "replace")
-                    data = []
-            elif line.startswith(b"data:"):
-                data.append(line[5:].removeprefix(b" "))
-            # other fields (event:, id:, retry:) and comments (":") are not used by OpenAI streams
+    size = 0
+    last = trio.current_time()
+    async with aclosing(response.chunks()) as chunks:  # closed also when the caller stops early
+        async for chunk in chunks:
+            buffer += chunk
+            if b"\n" not in chunk:  # scan each byte once: a line that never ends costs no more than its length
+                if len(buffer) > _MAX_BODY:
+                    raise Unreachable(f"a streamed line is longer than {_MAX_BODY} bytes")
+                if timeout is not None and trio.current_time() - last > timeout:
+                    raise Unreachable(f"no complete line within {timeout:g} s (the server trickles)")
+                continue
+            last = trio.current_time()
+            *lines, rest = bytes(buffer).split(b"\n")
+            buffer = bytearray(rest)
+            for line in lines:
+                line = line.rstrip(b"\r")
+                if not line:
+                    if data:
+                        yield b"\n".join(data).decode("utf-8", "replace")
+                        data, size = [], 0
+                elif line.startswith(b"data:"):
+                    data.append(line[5:].removeprefix(b" "))
+                    size += len(line)
+                    if size > _MAX_BODY:
+                        raise Unreachable(f"a streamed event is longer than {_MAX_BODY} bytes")
+                # other fields (event:, id:, retry:) and comments (":") are not used by OpenAI streams
     if data:
         yield b"\n".join(data).decode("utf-8", "replace")
 
@@ -195,7 +240,7 @@ def error_message(body: bytes) -> str:
     """The error an OpenAI-compatible server put in its body (``{"error": {"message"}}`` and the usual variants)."""
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         text = body.decode("utf-8", "replace").strip()
         return text[:500] or "(no body)"
     if isinstance(value, dict):
