@@ -202,9 +202,7 @@ def test_sampling_settings_reach_the_server(remote):
     assert unpenalized.content != result.content
 
 
-@pytest.mark.parametrize("remote_name", ["mlx", pytest.param("llama", marks=pytest.mark.xfail(
-    strict=True, reason="lmkernel's greedy is argmax (no repeat penalty), but the greedy body leaves "
-                        "repeat_penalty out and llama_cpp.server then applies its default, 1.1"))])
+@pytest.mark.parametrize("remote_name", ["mlx", "llama"])
 def test_greedy_is_argmax_on_the_server(remotes, remote_name):
     remote = remotes[remote_name]
     remote.fresh()

@@ -73,7 +73,7 @@ def test_the_request_body():
     engine = RemoteEngine(Pool(_server()), "m", context_length=100)
     greedy = engine._body(Generation(prompt="abc", sampling=Sampling(temperature=0), max_tokens=5))
     assert greedy == {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
-                      "max_tokens": 5, "prompt": "abc"}
+                      "repeat_penalty": 1.0, "repetition_penalty": 1.0, "max_tokens": 5, "prompt": "abc"}
     sampled = engine._body(Generation(prompt="héllo", sampling=Sampling(temperature=0.5, top_k=40, min_p=0.05,
                                                                          repeat_penalty=1.1), seed=7))
     assert sampled["top_k"] == 40 and sampled["min_p"] == 0.05 and sampled["repetition_penalty"] == 1.1
@@ -82,6 +82,11 @@ def test_the_request_body():
     engine.pool.plain = True
     plain = engine._body(Generation(messages=({"role": "user", "content": "hi"},), sampling=Sampling(temperature=0.5)))
     assert not {"top_k", "min_p", "repeat_penalty", "max_tokens", "prompt"} & set(plain)
+    greedy_plain = engine._body(Generation(prompt="abc", sampling=Sampling(temperature=0), max_tokens=5))
+    assert set(greedy_plain) == {"model", "stream", "stream_options", "temperature", "max_tokens", "prompt"}
+    off = RemoteEngine(Pool(_server()), "m", context_length=100)._body(Generation(prompt="a", sampling=Sampling(
+        temperature=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0)))
+    assert (off["top_k"], off["min_p"], off["repeat_penalty"]) == (0, 0.0, 1.0)  # off, said: not the server's default
     assert plain["messages"] == [{"role": "user", "content": "hi"}] and plain["top_p"] == 1.0
     unknown = RemoteEngine(Pool(_server()), "m", context_length=100, context_known=False)
     assert "max_tokens" not in unknown._body(Generation(prompt="abc", sampling=Sampling(temperature=0)))

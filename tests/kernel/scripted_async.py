@@ -49,6 +49,8 @@ class ScriptedAsyncEngine(AsyncEngine):
                 raise LMKernelPromptTooLongError("the server scripted counted 5000 tokens, more than its 1000")
             if mode == "malformed":
                 yield Text(123)
+            if mode == "surrogate":
+                yield Text("\ud83d")
             yield Prefill(0, len(text))
             yield Prefill(len(text), len(text))
             sent = 0

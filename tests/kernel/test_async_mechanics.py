@@ -300,3 +300,19 @@ def test_a_key_that_names_nothing_says_which_servers_were_not_listed(scripted):
         assert "Not listed now" not in failed.error.message
 
     run(kernel, scenario)
+
+
+def test_text_that_is_not_valid_unicode_is_the_engines_error(scripted):
+    backend, kernel = scripted
+    backend.mode = "surrogate"
+
+    async def scenario(client: Client):
+        await _load(client)
+        _, failed = await _predict(client, "abc")
+        assert isinstance(failed, m.Failed) and failed.error.kind == "backend"
+        assert "generate() yielded text that is not valid Unicode (lone surrogate '\\ud83d' at index 0)" in (
+            failed.error.message)
+        backend.mode = ""
+        assert (await _predict(client, "ok"))[0] == "ok"
+
+    run(kernel, scenario)

@@ -329,3 +329,14 @@ def test_exllamav2_turns_a_top_k_as_large_as_the_vocabulary_off():
     ]):
         engine.add(seq_id, [1, 2], sampling, 5)
         assert jobs[-1]["gen_settings"].top_k == top_k
+
+
+def test_engine_text_must_be_valid_unicode():
+    """A lone surrogate cannot be encoded for the caller: the engine's malformed event, caught at the boundary."""
+    from lmkernel.kernel._boundary import PluginValueError, check_events
+    from lmkernel.plugins import SequenceEnd, Token
+
+    for event in (Token(1, 5, "ok \ud83d"), SequenceEnd(1, "eos", "\udc00")):
+        with pytest.raises(PluginValueError, match="step\\(\\) returned a malformed event"):
+            check_events([event], {1})
+    assert check_events([Token(1, 5, "😀 ok")], {1})

@@ -31,6 +31,7 @@ from ..plugins.contract_async import AsyncBackend, AsyncEngine, Finish, Generati
 from ._boundary import PluginValueError, _is_int, _short, check_tokens
 from ._context import Budget
 from ._limits import engine_timeout, load_timeout
+from ._values import unicode_problem
 from ._worker_messages import (
     AddSequence,
     Admitted,
@@ -242,6 +243,8 @@ class AsyncEngineWorker:
                 if isinstance(event, Text):
                     if not isinstance(event.text, str) or not _is_int(event.tokens) or event.tokens < 0:
                         raise PluginValueError(f"generate() yielded a malformed Text: {_short(event)}")
+                    if (problem := unicode_problem(event.text)) is not None:
+                        raise PluginValueError(f"generate() yielded text that is not valid Unicode ({problem})")
                     generated += event.tokens
                     self._post(Stepped([Pieces(seq_id, event.text, event.tokens)]))
                     spent = max_tokens is not None and generated >= max_tokens

@@ -70,9 +70,9 @@ def check_events(events: object, active: Container[int]) -> list[StepEvent]:
         raise PluginValueError(f"step() must return a list of step events, got {_short(events)}")
     for event in events:
         if isinstance(event, Token):
-            ok = _is_int(event.token_id) and isinstance(event.text, str)
+            ok = _is_int(event.token_id) and isinstance(event.text, str) and unicode_problem(event.text) is None
         elif isinstance(event, SequenceEnd):
-            ok = event.reason in ("eos", "length") and isinstance(event.text, str)
+            ok = event.reason in ("eos", "length") and isinstance(event.text, str) and unicode_problem(event.text) is None
         elif isinstance(event, PromptProgress):
             ok = (_is_int(event.processed) and _is_int(event.total) and 0 <= event.processed
                   and _is_int(event.cached) and 0 <= event.cached <= max(event.total, 0))

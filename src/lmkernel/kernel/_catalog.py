@@ -58,7 +58,7 @@ from ._folders import (
     model_roots,
 )
 from ._names import check_key, is_explicit_path, model_key
-from ._values import show, unicode_problem
+from ._values import show, some, unicode_problem
 from .messages import LlmInfo
 
 log = logging.getLogger("lmkernel")
@@ -323,16 +323,16 @@ class Catalog:
             return entry
         if len(found) > 1:
             raise LMKernelModelNotFoundError(
-                f"The key {show(key)} matches {len(found)} models: {', '.join(path for path, _, _ in found)};"
+                f"The key {show(key)} matches {len(found)} models: {some(path for path, _, _ in found)};"
                 " name one by its key or its path"
             )
         shown = [k if k == path else f"{k} ({path})" for k, path, _, _ in named]
         names = [k for k, _, _, _ in named] + [path for k, path, _, _ in named if path != k]
-        close = difflib.get_close_matches(key, names, n=1) if len(key) <= 200 else []
+        close = difflib.get_close_matches(key, names[:2000], n=1) if len(key) <= 200 else []
         hint = f" Did you mean {close[0]!r}?" if close else ""
         unlisted = f". Not listed now: {'; '.join(self._unlisted)}" if self._unlisted else ""
         raise LMKernelModelNotFoundError(
-            f"No model matches the key {show(key)}.{hint} Available: {', '.join(shown)}"
+            f"No model matches the key {show(key)}.{hint} Available: {some(shown)}"
             " (folders searched: LMKERNEL_MODELS, lmkernel's models folder, LM Studio's, the Hugging Face cache;"
             f" a path to a model folder or .gguf file works too){unlisted}"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import reprlib
 import unicodedata
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import LMKernelValueError
@@ -31,6 +32,13 @@ def show(value: Any) -> str:
         if isinstance(value, int):
             return f"<an integer of {value.bit_length()} bits>"
         return f"<a {type(value).__name__}>"
+
+
+def some(names: Iterable[str], most: int = 50) -> str:
+    """``names`` joined, the first ``most`` of them and how many more (a server may list thousands)."""
+    names = list(names)
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def unicode_problem(text: str) -> str | None:

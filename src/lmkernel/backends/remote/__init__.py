@@ -84,7 +84,9 @@ class RemoteBackend(AsyncBackend):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._read: tuple[Path, float, list[Server]] | None = None
-        self._listed: dict[str, tuple[float, dict[str, dict]]] = {}  # server name -> (when, models)
+        # server name -> (its urls, when, what it listed)
+        self._listed: dict[str, tuple[tuple, float, dict[str, dict]]] = {}
+        self._problems: list[str] = []  # servers the last listing could not reach
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -120,25 +122,65 @@ class RemoteBackend(AsyncBackend):
 
     # ---- listing ------------------------------------------------------------------------
 
-    def _list(self, server: Server) -> dict[str, dict]:
-        """What ``/v1/models`` of the server's first answering replica lists (cached :data:`LIST_TTL` s)."""
+    def _listings(self, servers: list[Server]) -> dict[str, dict[str, dict]]:
+        """What ``/v1/models`` of each server's first answering replica lists, asked of all servers at
+        once (each answer cached :data:`LIST_TTL` s); a server that does not answer lists nothing, and
+        :meth:`offer_problems` says why."""
         now = time.monotonic()
+        listings: dict[str, dict[str, dict]] = {}
+        stale: list[Server] = []
         with self._lock:
-            cached = self._listed.get(server.name)
-        if cached is not None and now - cached[0] < LIST_TTL:
-            return cached[1]
+            for server in servers:
+                cached = self._listed.get(server.name)
+                if cached is not None and cached[0] == server.urls and now - cached[1] < LIST_TTL:
+                    listings[server.name] = cached[2]
+                else:
+                    stale.append(server)
+        if not stale:
+            return listings
         # the pool's probes, each bounded as a whole (a server that trickles its answer is not waited for)
-        pool = Pool(dataclasses.replace(server, timeout=min(2.0, server.timeout)))
-        answers = trio.run(pool.check_all)
-        listed = next((model_entries(a) for a in answers if a is not None), {})
+        pools = [Pool(dataclasses.replace(server, timeout=min(2.0, server.timeout))) for server in stale]
+
+        answers: list[list[object | None]] = [[] for _ in pools]
+
+        async def ask(i: int) -> None:
+            answers[i] = await pools[i].check_all()
+
+        async def ask_all() -> None:
+            async with trio.open_nursery() as nursery:
+                for i in range(len(pools)):
+                    nursery.start_soon(ask, i)
+
+        trio.run(ask_all)
+        problems = []
+        for server, pool, answered in zip(stale, pools, answers, strict=True):
+            listed = next((model_entries(a) for a in answered if a is not None), None)
+            if listed is None:
+                listed = {}
+                if server.models is None:
+                    problems.append(f"server {server.name}: " + "; ".join(
+                        f"{r.url.text}: {r.problem}" for r in pool.replicas))
+            with self._lock:
+                self._listed[server.name] = (server.urls, now, listed)
+            listings[server.name] = listed
         with self._lock:
-            self._listed[server.name] = (now, listed)
-        return listed
+            self._problems = problems
+        return listings
+
+    def offer_problems(self) -> Sequence[str]:
+        with self._lock:
+            return list(self._problems)
 
     def offered_models(self) -> Sequence[OfferedModel]:
         offered = []
-        for server in self.servers():
-            listed = self._list(server) if server.models is None or server.context_length is None else {}
+        servers = self.servers()
+        asked = [s for s in servers if s.models is None or s.context_length is None]
+        listings = self._listings(asked) if asked else {}
+        if not asked:
+            with self._lock:
+                self._problems = []
+        for server in servers:
+            listed = listings.get(server.name, {})
             for model_id in server.models if server.models is not None else listed:
                 context = server.context_length or context_of(listed.get(model_id)) or UNKNOWN_CONTEXT
                 offered.append(OfferedModel(path=_path(server, model_id), description=ModelDescription(

@@ -162,14 +162,15 @@ class RemoteEngine(AsyncEngine):
         s = request.sampling
         body: dict = {"model": self.model_id, "stream": True, "stream_options": {"include_usage": True},
                       "temperature": s.temperature}
-        if not s.greedy:  # greedy: no other sampler matters, and strict servers get the plainest body
+        if s.greedy:  # argmax, as lmkernel's engines do: no sampler, and no repeat penalty (llama.cpp's
+            if not self.pool.plain:  # server applies its own, 1.1, unless told)
+                body["repeat_penalty"] = body["repetition_penalty"] = 1.0
+        else:
             body["top_p"] = s.top_p
-            if not self.pool.plain:  # what vLLM, llama.cpp, mlx_lm and Ollama also take
-                if s.top_k > 0:
-                    body["top_k"] = s.top_k
+            if not self.pool.plain:  # what vLLM, llama.cpp, mlx_lm and Ollama also take; each given, off
+                body["top_k"] = s.top_k  # included (0), or the server's own default applies instead
                 body["min_p"] = s.min_p
-                if s.repeat_penalty != 1.0:
-                    body["repeat_penalty"] = body["repetition_penalty"] = s.repeat_penalty
+                body["repeat_penalty"] = body["repetition_penalty"] = s.repeat_penalty
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
         elif request.prompt is not None and self.context_known:
