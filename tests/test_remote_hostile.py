@@ -333,6 +333,10 @@ BEHAVIOURS: dict[str, Callable[[Conn, dict], object]] = {
     "forever": _forever,
     "keep_alive": _keep_alive,
     "e429_once": _once_then_ok("429 Too Many Requests"),
+    "strict": lambda c, b: c.json({"error": {"message": f"Unrecognized request argument supplied: {extended}"}},
+                                  status="400 Bad Request")
+    if (extended := sorted({"top_k", "min_p", "repeat_penalty", "repetition_penalty"} & set(b)))
+    else stream(c, "plain", " body"),
 }
 
 
@@ -789,3 +793,16 @@ def test_an_ipv6_server_is_reached_with_a_valid_host_header():
         listener.close()
     assert f"Host: [::1]:{port}\r\n".encode() in seen[0]
     assert answer == {"data": [{"id": "m"}]}
+
+
+def test_a_strict_server_that_refuses_the_extended_fields_gets_only_openais(evil, servers):
+    """OpenAI's own API refuses fields it does not know: the engine learns it from the 400 and asks
+    again with the OpenAI API's fields only (also from then on), instead of failing every request."""
+    result = evil.complete("evil:strict", config={"temperature": 0.7, "topKSampling": 40, "maxTokens": 5})
+    assert result.content == "plain body"
+    bodies = [body for _, target, body in servers["evil"].requests if body and "evil:strict" in str(body)]
+    assert "top_k" in bodies[-2] and not {"top_k", "min_p", "repeat_penalty"} & set(bodies[-1])
+    assert bodies[-1]["temperature"] == 0.7 and bodies[-1]["max_tokens"] == 5
+    assert evil.complete("evil:strict", config={"temperature": 0}).content == "plain body"
+    last = [body for _, target, body in servers["evil"].requests if body and "evil:strict" in str(body)][-1]
+    assert "repeat_penalty" not in last  # asked once, remembered

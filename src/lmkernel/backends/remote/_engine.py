@@ -232,7 +232,7 @@ class RemoteEngine(AsyncEngine):
                                 re.findall(r"[a-z_]+", message)):
                             # a strict server (OpenAI's API, lmkernel's) refuses the fields it does not
                             # know: from now on send it only the OpenAI API's own, and ask again
-                            log.warning("remote server %s refuses extended sampling fields (%s); sending only "
+                            log.info("remote server %s refuses extended sampling fields (%s); sending only "
                                         "OpenAI's from now on", server.name, message)
                             self.pool.plain = True
                             body = self._body(request)
