@@ -104,9 +104,10 @@ def chunk(text: object = None, finish: object = None, **extra: object) -> dict:
             "choices": [{"index": 0, "text": "" if text is None else text, "finish_reason": finish}], **extra}
 
 
-def stream(conn: Conn, *pieces: object, finish: object = "stop", done: bool = True) -> None:
+def stream(conn: Conn, *pieces: object, finish: object = "stop", done: bool = True, head: bool = True) -> None:
     """A stream of ``pieces`` (texts, JSON chunks, or bytes sent as an event's data as they are), then a finish."""
-    conn.head()
+    if head:
+        conn.head()
     for piece in pieces:
         sent = conn.send(b"data: " + piece + b"\n\n") if isinstance(piece, bytes) else conn.event(
             piece if isinstance(piece, dict) else chunk(piece))
@@ -333,6 +334,7 @@ BEHAVIOURS: dict[str, Callable[[Conn, dict], object]] = {
     "forever": _forever,
     "keep_alive": _keep_alive,
     "e429_once": _once_then_ok("429 Too Many Requests"),
+    "slow_first": lambda c, b: (c.head(), c.wait(0.8), stream(c, "late", head=False)),
     "strict": lambda c, b: c.json({"error": {"message": f"Unrecognized request argument supplied: {extended}"}},
                                   status="400 Bad Request")
     if (extended := sorted({"top_k", "min_p", "repeat_penalty", "repetition_penalty"} & set(b)))
@@ -806,3 +808,14 @@ def test_a_strict_server_that_refuses_the_extended_fields_gets_only_openais(evil
     assert evil.complete("evil:strict", config={"temperature": 0}).content == "plain body"
     last = [body for _, target, body in servers["evil"].requests if body and "evil:strict" in str(body)][-1]
     assert "repeat_penalty" not in last  # asked once, remembered
+
+
+def test_a_sync_client_waits_for_a_server_that_is_slow_to_its_first_token(evil):
+    """The server bounds its own waits (its timeout): while the request waits on it, the sync API does
+    not time out (the kernel says it is queued), as for a request queued on a local model."""
+    previous = lms.get_sync_api_timeout()
+    lms.set_sync_api_timeout(0.3)
+    try:
+        assert evil.complete("evil:slow_first").content == "late"  # 0.8 s before the first token
+    finally:
+        lms.set_sync_api_timeout(previous)

@@ -235,6 +235,7 @@ _KINDS: dict[str, type[LMKernelError]] = {
     "prediction": LMKernelPredictionError,
     "kernel_closed": LMKernelChannelClosedError,
     "server": LMKernelServerError,
+    "not_implemented": LMKernelNotImplementedError,
 }
 
 

@@ -201,8 +201,9 @@ def test_chat_tokenize_template_and_structured(scripted):
                                                  {"role": "user", "content": "hi"})
         assert backend.requests[-1].prompt is None
         failed = (await client.until_done(client.request(m.Tokenize, model=ONE, texts=["abc"])))[-1]
-        assert isinstance(failed, m.Failed) and "NotImplementedError: scripted engines have no tokenizer" in (
-            failed.error.message)
+        assert isinstance(failed, m.Failed) and failed.error.kind == "not_implemented"  # the request's answer
+        assert failed.error.message == (
+            f"Model '{ONE}' cannot be tokenized here (backend 'scripted-async'): scripted engines have no tokenizer")
         backend.mode = "tokenize"
         tokens = (await client.until_done(client.request(m.Tokenize, model=ONE, texts=["ab"])))[-1]
         assert tokens.tokens == [[97, 98]]
@@ -314,5 +315,17 @@ def test_text_that_is_not_valid_unicode_is_the_engines_error(scripted):
             failed.error.message)
         backend.mode = ""
         assert (await _predict(client, "ok"))[0] == "ok"
+
+    run(kernel, scenario)
+
+
+def test_the_default_model_is_never_a_servers(scripted):
+    """lms.llm() with no key: a local model, else the built-in ones; a server's model only when named."""
+    backend, kernel = scripted
+
+    async def scenario(client: Client):
+        failed = (await client.until_done(client.request(m.Load)))[-1]
+        assert isinstance(failed, m.Failed) and "built-in model" in failed.error.message, failed
+        assert backend.loads == 0
 
     run(kernel, scenario)

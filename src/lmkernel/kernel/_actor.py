@@ -24,15 +24,14 @@ from pathlib import Path
 import msgspec
 import trio
 
+from ..errors import LMKernelError
 from ..plugins.contract import Backend, LoadOptions
 from ..plugins.contract_async import AsyncBackend
 from . import _worker as w
 from ._actor_predictions import ActorPredictions, _Running
 from ._admission import WaitingRoom
 from ._async_worker import AsyncEngineWorker
-from ._context import (
-    too_long_message,
-)
+from ._context import too_long_message
 from ._failures import (
     backend_error,
     empty_prompt_error,
@@ -56,11 +55,7 @@ from ._mailbox import (
     _Wake,
     mail_owner,
 )
-from .config import (
-    DEFAULT_MAX_CONCURRENT,
-    DEFAULT_MAX_QUEUED,
-    LlmLoadModelConfig,
-)
+from .config import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, LlmLoadModelConfig
 from .messages import (
     Done,
     ErrorInfo,
@@ -69,6 +64,7 @@ from .messages import (
     InstanceInfo,
     LlmInstanceInfo,
     Loaded,
+    Queued,
     TemplateText,
     TokenLists,
 )
@@ -262,6 +258,9 @@ class ModelActor(ActorPredictions):
             case w.Admitted(seq_id, prompt_tokens, budget, dropped):
                 if (running := self._runs.get(seq_id)) is not None:
                     running.run.admitted(prompt_tokens, budget.reason)
+                    if prompt_tokens is None:  # an asynchronous engine (a server) has it: it may queue it
+                        # for long, and bounds its own waits; a sync client must not time out meanwhile
+                        running.peer.send(Queued(id=running.run.id, position=0))
                     if dropped:
                         log.debug("prediction %s on %s: prompt of %d tokens cut by %d to fit the context",
                                   running.run.id, self.info.identifier, prompt_tokens, dropped)
@@ -288,6 +287,8 @@ class ModelActor(ActorPredictions):
                 self._fail(seq_id, request_error(error, model=self.info.identifier))
             case w.Tokenized(key, tokens, None):
                 self._answer(key, lambda i: TokenLists(id=i, tokens=tokens))
+            case w.Tokenized(key, _, error) if isinstance(error, LMKernelError):
+                self._answer(key, None, request_error(error, model=self.info.identifier))
             case w.Tokenized(key, _, error):
                 self._answer(key, None, self._backend_error(error, "while tokenizing"))
             case w.Rendered(key, text, None):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from ..errors import LMKernelError, LMKernelValueError
+from ..errors import LMKernelError, LMKernelNotImplementedError, LMKernelValueError
 from ..plugins.contract import LoadOptions, PromptProgress, SequenceEnd
 from ..plugins.contract_async import AsyncBackend, AsyncEngine, Finish, Generation, Prefill, Text
 from ._boundary import PluginValueError, _is_int, _short, check_tokens
@@ -172,6 +172,9 @@ class AsyncEngineWorker:
                 tokens = [check_tokens(await engine.tokenize(text)) for text in command.texts]
         except trio.TooSlowError:
             self._post(Tokenized(command.request_id, None, TimeoutError(f"tokenize() did not return within {limit:g} s")))
+        except NotImplementedError as exc:  # no tokenizer here (a server's model): the request's answer, not a fault
+            self._post(Tokenized(command.request_id, None, LMKernelNotImplementedError(
+                f"Model {self._name!r} cannot be tokenized here (backend {self._backend.name!r}): {exc}")))
         except Exception as exc:
             self._post(Tokenized(command.request_id, None, exc))
         else:

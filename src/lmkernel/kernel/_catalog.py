@@ -388,7 +388,7 @@ class Catalog:
         key = os.environ.get("LMKERNEL_DEFAULT_MODEL")
         if key:
             return self.resolve(key)
-        entries = self.entries()
+        entries = [entry for entry in self.entries() if not entry.offered]  # never a server's, unasked
         if entries:
             return entries[0]
         return self.builtin_demo() or self.builtin_tiny()

@@ -87,6 +87,7 @@ class RemoteBackend(AsyncBackend):
         # server name -> (its urls, when, what it listed)
         self._listed: dict[str, tuple[tuple, float, dict[str, dict]]] = {}
         self._problems: list[str] = []  # servers the last listing could not reach
+        self._available = False  # what availability() found (the kernel loads only from an available backend)
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -108,13 +109,19 @@ class RemoteBackend(AsyncBackend):
         return servers
 
     def availability(self) -> Availability:
+        self._available = False
         try:
             servers = self.servers()
         except RemoteConfigError as exc:
             return Availability(False, str(exc))
         if not servers:
+            path = config_path()
+            if path is not None:
+                return Availability(False, f"{path} (LMKERNEL_REMOTE) names no servers: add a [servers.<name>] "
+                                           "table with a url (docs/scale-out.md)")
             return Availability(False, "no remote servers configured (set LMKERNEL_REMOTE to a TOML file naming "
                                        "them; see docs/scale-out.md)")
+        self._available = True
         return Availability(True, notes=f"{len(servers)} server(s): {', '.join(s.name for s in servers)}")
 
     def describe(self, path: Path) -> ModelDescription | None:
@@ -172,6 +179,8 @@ class RemoteBackend(AsyncBackend):
             return list(self._problems)
 
     def offered_models(self) -> Sequence[OfferedModel]:
+        if not self._available:  # as the kernel found it when it started: what it lists, it can load
+            return []
         offered = []
         servers = self.servers()
         asked = [s for s in servers if s.models is None or s.context_length is None]

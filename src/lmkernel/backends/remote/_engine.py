@@ -85,8 +85,10 @@ class Pool:
                                               timeout=self.server.timeout)
                 try:
                     if response.status != 200:
+                        hint = (" (is /v1 missing from its base URL?)" if response.status == 404
+                                and not replica.url.prefix.endswith("/v1") else "")
                         raise Unreachable(f"GET /models answered HTTP {response.status}: "
-                                          f"{error_message(await response.read())}")
+                                          f"{error_message(await response.read())}{hint}")
                     answer = await response.json()
                 finally:
                     await response.aclose()
@@ -288,7 +290,9 @@ class RemoteEngine(AsyncEngine):
                 seen = True
                 if data.strip() == "[DONE]":
                     if finish is None:  # llama_cpp.server's way to cut a stream short for another request
-                        raise Unreachable("the server ended the stream ([DONE]) before it said the text was finished")
+                        raise Unreachable("the server ended the stream ([DONE]) before it said the text was finished"
+                                          " (llama_cpp.server does so when another request arrives, unless started"
+                                          " with --interrupt_requests False)")
                     break
                 try:
                     chunk = json.loads(data)
