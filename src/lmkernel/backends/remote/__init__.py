@@ -87,7 +87,8 @@ class RemoteBackend(AsyncBackend):
         # server name -> (its urls, when, what it listed)
         self._listed: dict[str, tuple[tuple, float, dict[str, dict]]] = {}
         self._problems: list[str] = []  # servers the last listing could not reach
-        self._available = False  # what availability() found (the kernel loads only from an available backend)
+        # the files availability() found servers in (a kernel loads only from a backend available when it started)
+        self._available: set[Path | None] = set()
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -109,7 +110,6 @@ class RemoteBackend(AsyncBackend):
         return servers
 
     def availability(self) -> Availability:
-        self._available = False
         try:
             servers = self.servers()
         except RemoteConfigError as exc:
@@ -121,7 +121,8 @@ class RemoteBackend(AsyncBackend):
                                            "table with a url (docs/scale-out.md)")
             return Availability(False, "no remote servers configured (set LMKERNEL_REMOTE to a TOML file naming "
                                        "them; see docs/scale-out.md)")
-        self._available = True
+        with self._lock:
+            self._available.add(config_path())
         return Availability(True, notes=f"{len(servers)} server(s): {', '.join(s.name for s in servers)}")
 
     def describe(self, path: Path) -> ModelDescription | None:
@@ -179,7 +180,7 @@ class RemoteBackend(AsyncBackend):
             return list(self._problems)
 
     def offered_models(self) -> Sequence[OfferedModel]:
-        if not self._available:  # as the kernel found it when it started: what it lists, it can load
+        if config_path() not in self._available:  # as a kernel found it when it started: what it lists, it can load
             return []
         offered = []
         servers = self.servers()
