@@ -87,8 +87,9 @@ class RemoteBackend(AsyncBackend):
         # server name -> (its urls, when, what it listed)
         self._listed: dict[str, tuple[tuple, float, dict[str, dict]]] = {}
         self._problems: list[str] = []  # servers the last listing could not reach
-        # the files availability() found servers in (a kernel loads only from a backend available when it started)
-        self._available: set[Path | None] = set()
+        # availability() found servers once (a kernel loads only from a backend that was available when it
+        # started: before, listing models would offer what cannot load); the file may change after that
+        self._available = False
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -121,8 +122,7 @@ class RemoteBackend(AsyncBackend):
                                            "table with a url (docs/scale-out.md)")
             return Availability(False, "no remote servers configured (set LMKERNEL_REMOTE to a TOML file naming "
                                        "them; see docs/scale-out.md)")
-        with self._lock:
-            self._available.add(config_path())
+        self._available = True
         return Availability(True, notes=f"{len(servers)} server(s): {', '.join(s.name for s in servers)}")
 
     def describe(self, path: Path) -> ModelDescription | None:
@@ -180,7 +180,7 @@ class RemoteBackend(AsyncBackend):
             return list(self._problems)
 
     def offered_models(self) -> Sequence[OfferedModel]:
-        if config_path() not in self._available:  # as a kernel found it when it started: what it lists, it can load
+        if not self._available:  # no kernel found it available when it started: it could load nothing it lists
             return []
         offered = []
         servers = self.servers()
