@@ -22,7 +22,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import lmkernel as lms
 
 __all__ = [
     "UpstreamServer",
@@ -30,6 +34,7 @@ __all__ = [
     "free_port",
     "llama_cpp_server",
     "mlx_server",
+    "remote_client",
     "remote_key",
     "wait_until",
     "write_config",
@@ -67,6 +72,21 @@ def wait_until(condition, timeout: float, interval: float = 0.05, what: str = "t
 def remote_key(server: str, model_id: str) -> str:
     """The key the remote backend lists a server's model under (leading and double slashes dropped)."""
     return "remote/" + server + "/" + "/".join(part for part in model_id.split("/") if part)
+
+
+@contextmanager
+def remote_client() -> Iterator[lms.Client]:
+    """A fresh in-process ``Client`` (its kernel reads ``LMKERNEL_REMOTE`` as set now); at the end the
+    remote models it loaded are unloaded and the default client is reset."""
+    lms.sync_api._reset_default_client()
+    try:
+        with lms.Client() as client:
+            yield client
+            for model in client.llm.list_loaded():
+                if model.identifier.startswith("remote/"):
+                    model.unload()
+    finally:
+        lms.sync_api._reset_default_client()
 
 
 def write_config(path: Path, servers: dict[str, dict]) -> Path:

@@ -30,6 +30,7 @@ from .remote_servers import (
     free_port,
     llama_cpp_server,
     mlx_server,
+    remote_client,
     remote_key,
     wait_until,
     write_config,
@@ -120,13 +121,8 @@ def remote_config(workdir, mlx_upstream, llama_upstream, dead_url):
 
 @pytest.fixture(scope="module")
 def client(remote_config):
-    lms.sync_api._reset_default_client()
-    with lms.Client() as client:
+    with remote_client() as client:
         yield client
-        for model in client.llm.list_loaded():
-            if model.identifier.startswith("remote/"):
-                model.unload()
-    lms.sync_api._reset_default_client()
 
 
 @pytest.fixture(scope="module")

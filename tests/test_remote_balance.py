@@ -20,7 +20,15 @@ import trio
 
 import lmkernel as lms
 
-from .remote_servers import UpstreamServer, free_port, mlx_server, remote_key, wait_until, write_config
+from .remote_servers import (
+    UpstreamServer,
+    free_port,
+    mlx_server,
+    remote_client,
+    remote_key,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -76,13 +84,8 @@ def config(workdir, pair, doomed):
 
 @pytest.fixture(scope="module")
 def client(config):
-    lms.sync_api._reset_default_client()
-    with lms.Client() as client:
+    with remote_client() as client:
         yield client
-        for model in client.llm.list_loaded():
-            if model.identifier.startswith("remote/"):
-                model.unload()
-    lms.sync_api._reset_default_client()
 
 
 def counts(servers: list[UpstreamServer]) -> list[int]:

@@ -33,6 +33,8 @@ from lmkernel.backends.remote._engine import Pool
 from lmkernel.backends.remote._http import Url
 from lmkernel.errors import LMKernelBackendError, LMKernelModelNotFoundError
 
+from .remote_servers import remote_client
+
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUT = 1.0  # the servers' configured timeout: every stall must end within a small multiple of it
@@ -373,13 +375,8 @@ def client(servers, tmp_path_factory):
         f'timeout = {TIMEOUT}\n', encoding="utf-8")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LMKERNEL_REMOTE", str(path))
-        lms.sync_api._reset_default_client()
-        with lms.Client() as client:
+        with remote_client() as client:
             yield client
-            for model in client.llm.list_loaded():
-                if model.identifier.startswith("remote/"):
-                    model.unload()
-        lms.sync_api._reset_default_client()
 
 
 @pytest.fixture
