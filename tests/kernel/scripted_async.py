@@ -86,6 +86,7 @@ class ScriptedAsyncBackend(AsyncBackend):
     prediction_keys = frozenset({"temperature"})
 
     def __init__(self) -> None:
+        self.unconfigured = False
         self.mode = ""
         self.load_mode = ""
         self.offered_mode = ""
@@ -96,7 +97,7 @@ class ScriptedAsyncBackend(AsyncBackend):
         self.loads = 0
 
     def availability(self) -> Availability:
-        return Availability(True)
+        return Availability(False, "not configured yet") if self.unconfigured else Availability(True)
 
     def describe(self, path: Path):
         raise ModelRejected("offers models, not folders")

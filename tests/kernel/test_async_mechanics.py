@@ -329,3 +329,23 @@ def test_the_default_model_is_never_a_servers(scripted):
         assert backend.loads == 0
 
     run(kernel, scenario)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_backend_configured_after_the_kernel_started_loads(named):
+    """LMKERNEL_REMOTE set after the first call: the kernel asks the backend again when a model only it
+    takes is loaded, instead of keeping the answer it got at start (the listing already shows the models)."""
+    backend = ScriptedAsyncBackend()
+    backend.unconfigured = True
+    status = BackendStatus(backend.name, "test", backend, backend.availability())
+    kernel = Kernel(Discovery([status]), Catalog([backend], roots=[], describe_timeout=0))
+
+    async def scenario(client: Client):
+        config = {"backend": "scripted-async"} if named else {}
+        failed = (await client.until_done(client.request(m.Load, model=ONE, config=config)))[-1]
+        assert isinstance(failed, m.Failed) and "not configured yet" in failed.error.message, failed
+        backend.unconfigured = False
+        loaded = (await client.until_done(client.request(m.Load, model=ONE, config=config)))[-1]
+        assert isinstance(loaded, m.Loaded) and loaded.info.backend == "scripted-async"
+
+    run(kernel, scenario)

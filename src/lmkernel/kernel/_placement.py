@@ -45,8 +45,10 @@ def choose_backend(discovery: Discovery, entry: CatalogEntry, config: LlmLoadMod
             known = ", ".join(s.name for s in discovery.statuses) or "none"
             raise LMKernelValueError(f"Unknown backend {config.backend!r} in load config (known: {known})")
         if not status.availability.available:
+            status = discovery.recheck(config.backend)
+        if status is None or status.backend is None or not status.availability.available:
             raise LMKernelBackendUnavailableError(
-                f"Backend {config.backend!r} cannot run here: {status.availability.reason}"
+                f"Backend {config.backend!r} cannot run here: {status.availability.reason if status else 'gone'}"
             )
         if config.backend not in entry.descriptions:
             raise LMKernelBackendUnavailableError(
@@ -56,6 +58,10 @@ def choose_backend(discovery: Discovery, entry: CatalogEntry, config: LlmLoadMod
     for backend in discovery.available:
         if backend.name in entry.descriptions:
             return backend
+    for name in entry.descriptions:  # one that takes it may have become available since (its config written)
+        status = discovery.recheck(name)
+        if status is not None and status.backend is not None and status.availability.available:
+            return status.backend
     reasons = "; ".join(
         f"{name}: {discovery.get(name).availability.reason}"
         for name in entry.descriptions

@@ -54,6 +54,16 @@ class Discovery:
     def get(self, name: str) -> BackendStatus | None:
         return next((s for s in self.statuses if s.name == name), None)
 
+    def recheck(self, name: str) -> BackendStatus | None:
+        """Ask the backend ``name`` again whether it can run here (it was not when discovered: a
+        configuration written since, such as ``LMKERNEL_REMOTE``), keeping the new answer."""
+        status = self.get(name)
+        if status is None or status.backend is None or status.availability.available:
+            return status
+        fresh = BackendStatus(status.name, status.source, status.backend, check_availability(status.backend))
+        self.statuses[self.statuses.index(status)] = fresh
+        return fresh
+
 
 def _selected_names() -> set[str] | None:
     raw = os.environ.get(ENV_FILTER, "").strip()

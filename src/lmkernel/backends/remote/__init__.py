@@ -87,9 +87,6 @@ class RemoteBackend(AsyncBackend):
         # server name -> (its urls, when, what it listed)
         self._listed: dict[str, tuple[tuple, float, dict[str, dict]]] = {}
         self._problems: list[str] = []  # servers the last listing could not reach
-        # availability() found servers once (a kernel loads only from a backend that was available when it
-        # started: before, listing models would offer what cannot load); the file may change after that
-        self._available = False
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -122,7 +119,6 @@ class RemoteBackend(AsyncBackend):
                                            "table with a url (docs/scale-out.md)")
             return Availability(False, "no remote servers configured (set LMKERNEL_REMOTE to a TOML file naming "
                                        "them; see docs/scale-out.md)")
-        self._available = True
         return Availability(True, notes=f"{len(servers)} server(s): {', '.join(s.name for s in servers)}")
 
     def describe(self, path: Path) -> ModelDescription | None:
@@ -180,8 +176,6 @@ class RemoteBackend(AsyncBackend):
             return list(self._problems)
 
     def offered_models(self) -> Sequence[OfferedModel]:
-        if not self._available:  # no kernel found it available when it started: it could load nothing it lists
-            return []
         offered = []
         servers = self.servers()
         asked = [s for s in servers if s.models is None or s.context_length is None]
