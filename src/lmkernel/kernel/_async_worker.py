@@ -42,7 +42,6 @@ from ._worker_messages import (
     Exited,
     LoadDone,
     LoadFailed,
-    LoadProgress,
     Pieces,
     Refused,
     Rejected,
@@ -54,6 +53,7 @@ from ._worker_messages import (
     Stepped,
     Tokenized,
     TokenizeTexts,
+    load_progress,
 )
 
 log = logging.getLogger("lmkernel.kernel")
@@ -126,18 +126,10 @@ class AsyncEngineWorker:
             self._post(Exited())
 
     async def _load(self) -> AsyncEngine | None:
-        def progress(p: object) -> None:
-            try:
-                value = float(p)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                return
-            if value == value:
-                self._post(LoadProgress(min(1.0, max(0.0, value))))
-
         limit = load_timeout()
         try:
             with trio.fail_after(limit):
-                engine = await self._backend.load_async(self._path, self._options, progress)
+                engine = await self._backend.load_async(self._path, self._options, load_progress(self._post))
             if not isinstance(engine, AsyncEngine):
                 raise PluginValueError(f"load_async() must return an AsyncEngine, got {_short(engine)}")
             value = getattr(engine, "context_length", None)
@@ -214,8 +206,6 @@ class AsyncEngineWorker:
             self._post(Admitted(seq_id, None, budget))
             try:
                 await self._follow(engine, seq_id, request, max_tokens)
-            except PluginValueError as exc:
-                self._post(EngineFailed([seq_id], exc, "while predicting", replacing=False))
             except trio.TooSlowError:
                 error = TimeoutError(f"the engine sent nothing for {engine_timeout():g} s")
                 self._post(EngineFailed([seq_id], error, "while predicting", replacing=False))

@@ -62,6 +62,7 @@ from ._worker_messages import (  # noqa: F401 - the actor reads every message as
     Stepped,
     Tokenized,
     TokenizeTexts,
+    load_progress,
 )
 from ._worker_sequences import WorkerSequences, _EngineError, _Sequence
 
@@ -158,16 +159,8 @@ class EngineWorker(WorkerSequences):
                 ABANDONED.discard(self)
 
     def _load(self, doing: str) -> Engine | None:
-        def progress(p: object) -> None:
-            try:
-                value = float(p)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                return  # a malformed progress value is ignored, not fatal
-            if value == value:  # not NaN
-                self._post(LoadProgress(min(1.0, max(0.0, value))))
-
         try:
-            engine = self._call(doing, self._backend.load, self._path, self._options, progress)
+            engine = self._call(doing, self._backend.load, self._path, self._options, load_progress(self._post))
             check_context_length(engine)
             self._start = None
             self._chat.new_engine()

@@ -6,6 +6,7 @@ actor's thread-safe ``post``. Both are closed families of frozen dataclasses, ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..plugins.contract import Sampling, StepEvent
@@ -26,6 +27,7 @@ __all__ = [
     "LoadFailed",
     "LoadProgress",
     "Pieces",
+    "load_progress",
     "Refused",
     "Rejected",
     "Reloaded",
@@ -90,6 +92,21 @@ Command = AddSequence | RemoveSequence | TokenizeTexts | RenderChat | Shutdown
 @dataclass(frozen=True)
 class LoadProgress:
     progress: float
+
+
+def load_progress(post: Callable[[Report], None]) -> Callable[[object], None]:
+    """The ``on_progress`` a backend's load is given: values clamped to 0.0 ... 1.0 and posted as
+    :class:`LoadProgress`; a malformed one (not a number, NaN) is ignored, not fatal."""
+
+    def progress(p: object) -> None:
+        try:
+            value = float(p)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return
+        if value == value:  # not NaN
+            post(LoadProgress(min(1.0, max(0.0, value))))
+
+    return progress
 
 
 @dataclass(frozen=True)
